@@ -1,0 +1,25 @@
+-- Leadership and ownership through PostgreSQL advisory locks. Locks are
+-- session-level: the server releases them when the holder's connection
+-- dies, which is what hands a lane or the relay over to another worker.
+
+-- name: try_lock
+SELECT pg_try_advisory_lock($1::int, $2::int) AS locked;
+
+-- name: unlock
+SELECT pg_advisory_unlock($1::int, $2::int) AS unlocked;
+
+-- name: held_locks
+-- Advisory locks of one namespace held by anyone in this database, within [$2, $3).
+SELECT objid::bigint AS objid FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 2
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid::bigint = $1 AND objid::bigint >= $2 AND objid::bigint < $3;
+
+-- name: purge_ledger
+-- Forget eventIds the stream can no longer redeliver, a bounded batch at a time.
+DELETE FROM processed_events
+WHERE event_id IN (
+    SELECT event_id FROM processed_events
+    WHERE processed_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);

@@ -1,0 +1,255 @@
+"""The one module that talks to NATS: streams, consumers, fetching and publishing."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+    SubjectTransform,
+)
+
+from worker.config import Settings
+from worker.constants import (
+    ACK_WAIT_SECONDS,
+    DUPLICATE_WINDOW_SECONDS,
+    MAX_ACK_PENDING,
+    PUBLISH_ACK_TIMEOUT_SECONDS,
+    RECONNECT_BASE_SECONDS,
+    RECONNECT_MAX_SECONDS,
+)
+from worker.domain import retry_delay
+from worker.subjects import (
+    inbound_capture,
+    outbound_captures,
+    partition_filter,
+    partition_transform,
+    partitions_of,
+)
+
+log = structlog.get_logger("worker.bus")
+
+PullSubscription = JetStreamContext.PullSubscription
+
+# Errors that mean "NATS is not answering right now": wait and try again.
+NATS_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    asyncio.TimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One ordered slice of the inbound stream: a durable consumer owned by one worker at a time.
+
+    `key` is the lane's advisory lock id within the worker's lock namespace.
+    """
+
+    key: int
+    durable: str
+    filter_subject: str
+
+
+# Lane keys start here in the lock namespace; below are the leader roles.
+LANE_KEY_BASE = 100
+
+
+def lanes(prefix: str, partitions: int) -> list[Lane]:
+    """The lanes of a stream with `partitions` partitions.
+
+    Lane `hub-worker` reads what the transform did not touch (subjects that
+    match no inbound row; everything when the stream is not partitioned);
+    `hub-worker-p{n}` reads partition n.
+    """
+    unpartitioned = Lane(LANE_KEY_BASE, "hub-worker", inbound_capture(prefix))
+    return [unpartitioned] + [
+        Lane(LANE_KEY_BASE + 1 + n, f"hub-worker-p{n}", partition_filter(prefix, n))
+        for n in range(partitions)
+    ]
+
+
+class Bus:
+    """A NATS connection with JetStream, reconnecting forever on its own."""
+
+    def __init__(self, nc: NATS, settings: Settings) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=PUBLISH_ACK_TIMEOUT_SECONDS)
+        self.settings = settings
+
+    @classmethod
+    async def connect(cls, settings: Settings, urls: list[str], name: str = "hub-worker") -> Bus:
+        """Connect, waiting out an unreachable server with backoff instead of failing."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                nc = await nats.connect(
+                    servers=urls,
+                    name=name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    connect_timeout=5,
+                    allow_reconnect=True,
+                    error_cb=_log_error,
+                    disconnected_cb=_log_disconnected,
+                    reconnected_cb=_log_reconnected,
+                )
+                return cls(nc, settings)
+            except NATS_ERRORS as err:
+                delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+                log.warning(
+                    "nats.unreachable", action="nats.connect", error=str(err), retry_in=delay
+                )
+                await asyncio.sleep(delay)
+
+    async def ensure_streams(self) -> int:
+        """Create PU_EVENTS and PU_OUT when missing; returns the inbound partition count.
+
+        Existing streams keep their data and configuration: the partition count
+        of an existing PU_EVENTS is read from its transform, because moving a
+        session to another partition while its events are in flight would
+        break its order.
+        """
+        s = self.settings
+        max_age = float(s.stream_max_age_seconds)
+        try:
+            info = await self.js.stream_info(s.events_stream)
+            transform = info.config.subject_transform
+            partitions = partitions_of(transform.dest if transform else None)
+            if partitions != s.partitions:
+                log.info(
+                    "stream.partitions",
+                    action="stream.ensure",
+                    stream=s.events_stream,
+                    partitions=partitions,
+                    configured=s.partitions,
+                )
+        except nats.js.errors.NotFoundError:
+            source, destination = partition_transform(s.subject_prefix, s.partitions)
+            await self.js.add_stream(
+                StreamConfig(
+                    name=s.events_stream,
+                    subjects=[inbound_capture(s.subject_prefix)],
+                    storage=StorageType.FILE,
+                    max_age=max_age,
+                    max_msg_size=-1,
+                    duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                    num_replicas=s.stream_replicas,
+                    subject_transform=SubjectTransform(src=source, dest=destination),
+                )
+            )
+            partitions = s.partitions
+            log.info("stream.created", action="stream.ensure", stream=s.events_stream)
+        try:
+            await self.js.stream_info(s.out_stream)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(
+                StreamConfig(
+                    name=s.out_stream,
+                    subjects=outbound_captures(s.subject_prefix),
+                    storage=StorageType.FILE,
+                    max_age=max_age,
+                    duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                    num_replicas=s.stream_replicas,
+                )
+            )
+            log.info("stream.created", action="stream.ensure", stream=s.out_stream)
+        return partitions
+
+    def _consumer_config(self, lane: Lane, start_sequence: int | None = None) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=lane.durable,
+            filter_subject=lane.filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_SECONDS,
+            # Unlimited on the server: a cap there would drop messages silently
+            # during a long outage. The worker itself gives up after
+            # HANDLER_ATTEMPTS and dead-letters instead.
+            max_deliver=-1,
+            max_ack_pending=MAX_ACK_PENDING,
+            deliver_policy=(
+                DeliverPolicy.ALL if start_sequence is None else DeliverPolicy.BY_START_SEQUENCE
+            ),
+            opt_start_seq=start_sequence,
+            num_replicas=self.settings.stream_replicas,
+        )
+
+    async def ensure_consumer(self, lane: Lane) -> None:
+        try:
+            await self.js.consumer_info(self.settings.events_stream, lane.durable)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(self.settings.events_stream, self._consumer_config(lane))
+            log.info("consumer.created", action="consumer.ensure", consumer=lane.durable)
+
+    async def take_over(self, lane: Lane) -> None:
+        """Make the lane's consumer deliver in stream order from its ack floor.
+
+        A previous owner that died holding unacked messages would have them
+        redelivered only after the ack wait, behind newer ones: the session
+        order would break. Recreating the consumer at the ack floor delivers
+        them first; what was already applied is recognised by the ledger.
+        """
+        stream = self.settings.events_stream
+        try:
+            info = await self.js.consumer_info(stream, lane.durable)
+        except nats.js.errors.NotFoundError:
+            await self.ensure_consumer(lane)
+            return
+        if not info.num_ack_pending:
+            return
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        await self.js.delete_consumer(stream, lane.durable)
+        await self.js.add_consumer(stream, self._consumer_config(lane, start_sequence=floor + 1))
+        log.info(
+            "consumer.rewound",
+            action="consumer.take_over",
+            consumer=lane.durable,
+            from_sequence=floor + 1,
+            unacked=info.num_ack_pending,
+        )
+
+    async def pull(self, lane: Lane) -> PullSubscription:
+        return await self.js.pull_subscribe_bind(lane.durable, self.settings.events_stream)
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        """Publish to JetStream and wait for the stream's ack (deduplicated by msg_id)."""
+        await self.js.publish(
+            subject,
+            payload,
+            timeout=PUBLISH_ACK_TIMEOUT_SECONDS,
+            headers={"Nats-Msg-Id": msg_id},
+        )
+
+    async def close(self) -> None:
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=5)
+        except NATS_ERRORS:
+            await self.nc.close()
+
+
+async def _log_error(err: Exception) -> None:
+    log.warning("nats.error", action="nats.error", error=str(err) or type(err).__name__)
+
+
+async def _log_disconnected() -> None:
+    log.warning("nats.disconnected", action="nats.disconnected")
+
+
+async def _log_reconnected() -> None:
+    log.info("nats.reconnected", action="nats.reconnected")

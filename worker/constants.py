@@ -1,0 +1,45 @@
+"""Tunables of the worker, each with its unit. Settings that operators change live in config."""
+
+# Inbound bodies above this are dead-lettered as too_large (contract section 3).
+MAX_EVENT_BYTES = 64 * 1024
+
+# Deliveries (attempts) of one message that fail the same way before it is
+# dead-lettered as handler_error (contract section 6).
+HANDLER_ATTEMPTS = 5
+# Backoff between those attempts: first delay and cap, seconds.
+HANDLER_RETRY_BASE_SECONDS = 0.2
+HANDLER_RETRY_MAX_SECONDS = 5.0
+
+# Pull consumer: messages per fetch, and how long one fetch waits on the
+# server for messages, seconds. A lane handles a fetched batch in order
+# well within ACK_WAIT_SECONDS.
+FETCH_BATCH = 100
+FETCH_WAIT_SECONDS = 1.0
+# Time the server waits for an ack before redelivering, seconds.
+ACK_WAIT_SECONDS = 30.0
+# Unacked messages one consumer may have out at once.
+MAX_ACK_PENDING = 1000
+
+# Lane ownership: how often a worker looks for lanes nobody owns, seconds.
+LANE_CLAIM_INTERVAL_SECONDS = 1.0
+# Member slots a worker may take to count live workers (advisory lock ids).
+MEMBER_SLOTS = 256
+
+# Outbox relay: rows per read, the polling fallback when no NOTIFY arrives,
+# and how long a JetStream publish may wait for its ack, seconds.
+RELAY_BATCH = 500
+RELAY_POLL_SECONDS = 1.0
+PUBLISH_ACK_TIMEOUT_SECONDS = 5.0
+# How often a worker that is not the relay leader tries to become it, seconds.
+LEADER_RETRY_SECONDS = 1.0
+
+# Ledger retention runs this often, deleting at most this many rows per statement.
+MAINTENANCE_INTERVAL_SECONDS = 300.0
+PURGE_BATCH_ROWS = 10_000
+
+# Reconnect backoff for PostgreSQL and NATS outages: first delay and cap, seconds.
+RECONNECT_BASE_SECONDS = 0.2
+RECONNECT_MAX_SECONDS = 5.0
+
+# JetStream's duplicate window for Nats-Msg-Id on both streams, seconds.
+DUPLICATE_WINDOW_SECONDS = 120.0

@@ -1,0 +1,439 @@
+"""The one module that talks to PostgreSQL.
+
+SQL lives in `sql/` (migrations and named queries), loaded once at start. Every
+function takes the connection first: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from worker.domain import Severity
+from worker.events import DetectionState, MappingState
+
+log = structlog.get_logger("worker.db")
+
+Connection = asyncpg.Connection
+Pool = asyncpg.Pool
+
+# Errors that mean "the database is not there right now": the work is retried
+# after reconnecting, never dead-lettered.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+_NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# Advisory lock (two-int form) serialising `hub-worker migrate` across replicas.
+_MIGRATION_LOCK = (0x68756200, 1)  # "hub\0", 1
+
+
+def sql_dir() -> Path:
+    """`worker/sql` inside an installed wheel, `sql/` beside the package in a checkout."""
+    packaged = Path(str(resources.files("worker"))) / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+class Queries:
+    """Every named query the worker runs; loading fails fast on a missing or unknown name."""
+
+    # ingest.sql
+    claim_event: str
+    ensure_spoke: str
+    ensure_session: str
+    lock_session: str
+    claim_session: str
+    record_activity: str
+    end_session: str
+    archive_session: str
+    ensure_workspace: str
+    ensure_task: str
+    ensure_parent_session: str
+    insert_mapping: str
+    end_mapping: str
+    # detections.sql
+    active_detection: str
+    newest_resolved_detection: str
+    upsert_signal: str
+    add_late_occurrence: str
+    auto_resolve_session_detections: str
+    # outbox.sql
+    enqueue_outbox: str
+    pending_outbox: str
+    delete_outbox: str
+    outbox_backlog: str
+    insert_dead_letter: str
+    # coordination.sql
+    try_lock: str
+    unlock: str
+    held_locks: str
+    purge_ledger: str
+    # migrations.sql
+    lock_migrations: str
+    unlock_migrations: str
+    create_migrations_table: str
+    applied_migrations: str
+    record_migration: str
+
+    @classmethod
+    def load(cls, directory: Path) -> Queries:
+        blocks: dict[str, str] = {}
+        for path in sorted(directory.glob("*.sql")):
+            for name, body in _split_named(path.read_text(encoding="utf-8")):
+                if name in blocks:
+                    raise RuntimeError(f"query {name!r} is defined twice (again in {path.name})")
+                blocks[name] = body
+        declared = set(cls.__annotations__)
+        missing, unknown = declared - set(blocks), set(blocks) - declared
+        if missing or unknown:
+            raise RuntimeError(
+                f"sql/queries does not match worker.db.Queries: missing {sorted(missing)}, "
+                f"unknown {sorted(unknown)}"
+            )
+        queries = cls()
+        for name, body in blocks.items():
+            setattr(queries, name, body)
+        return queries
+
+
+def _split_named(text: str) -> list[tuple[str, str]]:
+    marks = list(_NAME_RE.finditer(text))
+    named = []
+    for mark, following in zip(marks, [*marks[1:], None], strict=True):
+        end = following.start() if following else len(text)
+        body = "\n".join(
+            line for line in text[mark.end() : end].splitlines() if not line.startswith("--")
+        ).strip()
+        named.append((mark.group(1), body))
+    return named
+
+
+@cache
+def queries() -> Queries:
+    return Queries.load(sql_dir() / "queries")
+
+
+# --- connections -----------------------------------------------------------
+
+
+async def _init_connection(conn: Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+    )
+
+
+async def connect(dsn: str, *, application_name: str = "hub-worker") -> Connection:
+    conn: Connection = await asyncpg.connect(
+        dsn, server_settings={"application_name": application_name}, timeout=10
+    )
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pool(dsn: str, *, max_size: int = 10) -> Pool:
+    pool: Pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"application_name": "hub-worker"},
+        timeout=10,
+    )
+    return pool
+
+
+# --- migrations ------------------------------------------------------------
+
+
+def migration_files() -> list[tuple[str, Path]]:
+    found = []
+    for path in sorted((sql_dir() / "migrations").glob("*.sql")):
+        match = _MIGRATION_RE.match(path.name)
+        if match is None:
+            raise RuntimeError(f"migration file {path.name} is not named NNNN_what.sql")
+        found.append((match.group(1), path))
+    return found
+
+
+async def migrate(conn: Connection) -> list[str]:
+    """Apply pending migrations in order, one transaction each; returns those applied.
+
+    The advisory lock makes concurrent `hub-worker migrate` runs wait for each
+    other instead of racing to create the same tables.
+    """
+    q = queries()
+    await conn.execute(q.lock_migrations, *_MIGRATION_LOCK)
+    try:
+        await conn.execute(q.create_migrations_table)
+        applied = {r["version"] for r in await conn.fetch(q.applied_migrations)}
+        done = []
+        for version, path in migration_files():
+            if version in applied:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text(encoding="utf-8"))
+                await conn.execute(q.record_migration, version, path.name)
+            done.append(path.name)
+        return done
+    finally:
+        await conn.execute(q.unlock_migrations, *_MIGRATION_LOCK)
+
+
+# --- sessions and mappings -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    spoke_id: str | None
+    status: str
+    archived_at: datetime | None
+
+
+async def claim_event(conn: Connection, event_id: UUID) -> bool:
+    """True the first time an eventId is seen; the ledger row commits with the effects."""
+    return await conn.fetchval(queries().claim_event, event_id) is not None
+
+
+async def lock_session(conn: Connection, session_id: str, spoke_id: str) -> SessionRow:
+    """Create the session if it is new and lock its row for the rest of the transaction."""
+    q = queries()
+    await conn.execute(q.ensure_spoke, spoke_id)
+    await conn.execute(q.ensure_session, session_id, spoke_id)
+    row = await conn.fetchrow(q.lock_session, session_id)
+    assert row is not None
+    return SessionRow(row["spoke_id"], row["status"], row["archived_at"])
+
+
+async def claim_session(conn: Connection, session_id: str, spoke_id: str) -> None:
+    await conn.execute(queries().claim_session, session_id, spoke_id)
+
+
+async def record_activity(
+    conn: Connection, session_id: str, occurred_at: datetime, metadata: dict[str, Any] | None
+) -> None:
+    await conn.execute(queries().record_activity, session_id, occurred_at, metadata)
+
+
+async def end_session(
+    conn: Connection, session_id: str, status: str, occurred_at: datetime
+) -> bool:
+    """active -> status; False when the session was already terminal."""
+    return await conn.fetchval(queries().end_session, session_id, status, occurred_at) is not None
+
+
+async def archive_session(conn: Connection, session_id: str, occurred_at: datetime) -> None:
+    await conn.execute(queries().archive_session, session_id, occurred_at)
+
+
+async def insert_mapping(
+    conn: Connection,
+    *,
+    mapping_id: str,
+    session_id: str,
+    spoke_id: str,
+    workspace_id: str | None,
+    parent_session_id: str | None,
+    task_id: str | None,
+    task: str | None,
+    status: str,
+    metadata: dict[str, Any] | None,
+) -> MappingState | None:
+    """Create the session's mapping (and the rows it references); None if it exists."""
+    q = queries()
+    if workspace_id is not None:
+        await conn.execute(q.ensure_workspace, workspace_id)
+    if task_id is not None:
+        await conn.execute(q.ensure_task, task_id)
+    if parent_session_id is not None:
+        await conn.execute(q.ensure_parent_session, parent_session_id)
+    row = await conn.fetchrow(
+        q.insert_mapping,
+        mapping_id,
+        session_id,
+        spoke_id,
+        workspace_id,
+        parent_session_id,
+        task_id,
+        task,
+        status,
+        metadata,
+    )
+    return None if row is None else MappingState.model_validate(dict(row))
+
+
+async def end_mapping(conn: Connection, session_id: str, status: str) -> MappingState | None:
+    row = await conn.fetchrow(queries().end_mapping, session_id, status)
+    return None if row is None else MappingState.model_validate(dict(row))
+
+
+# --- detections ------------------------------------------------------------
+
+
+async def active_severity(conn: Connection, dedup_key: str) -> Severity | None:
+    """Severity of the active detection of a key, locking it; None when none is active."""
+    row = await conn.fetchrow(queries().active_detection, dedup_key)
+    return None if row is None else row["severity"]
+
+
+async def newest_resolved(conn: Connection, dedup_key: str) -> tuple[str, datetime] | None:
+    row = await conn.fetchrow(queries().newest_resolved_detection, dedup_key)
+    return None if row is None else (row["id"], row["resolved_at"])
+
+
+async def upsert_signal(
+    conn: Connection,
+    *,
+    detection_id: str,
+    session_id: str,
+    anomaly_type: str,
+    severity: Severity,
+    details: dict[str, Any] | None,
+    dedup_key: str,
+) -> DetectionState:
+    row = await conn.fetchrow(
+        queries().upsert_signal,
+        detection_id,
+        session_id,
+        anomaly_type,
+        severity,
+        details,
+        dedup_key,
+    )
+    return _detection(row)
+
+
+async def add_late_occurrence(conn: Connection, detection_id: str) -> DetectionState:
+    return _detection(await conn.fetchrow(queries().add_late_occurrence, detection_id))
+
+
+def _detection(row: asyncpg.Record | None) -> DetectionState:
+    if row is None:
+        raise LookupError("the detection to update was not returned")
+    return DetectionState.model_validate(dict(row))
+
+
+async def auto_resolve(
+    conn: Connection, session_id: str, anomaly_type: str | None = None
+) -> list[DetectionState]:
+    """Resolve a session's active detections (of one type, or all) as auto_resolved."""
+    rows = await conn.fetch(queries().auto_resolve_session_detections, session_id, anomaly_type)
+    states = [DetectionState.model_validate(dict(r)) for r in rows]
+    return sorted(states, key=lambda s: (s.created_at, s.id))
+
+
+# --- outbox and dead letters -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    event_id: UUID
+    subject: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PendingOutbound:
+    id: int
+    event_id: UUID
+    subject: str
+    payload: bytes
+
+
+async def enqueue_outbox(conn: Connection, rows: list[OutboxRow]) -> None:
+    if not rows:
+        return
+    await conn.execute(
+        queries().enqueue_outbox,
+        [r.event_id for r in rows],
+        [r.subject for r in rows],
+        [r.payload for r in rows],
+    )
+
+
+async def pending_outbox(conn: Connection, limit: int) -> list[PendingOutbound]:
+    rows = await conn.fetch(queries().pending_outbox, limit)
+    return [PendingOutbound(r["id"], r["event_id"], r["subject"], r["payload"]) for r in rows]
+
+
+async def delete_outbox(conn: Connection, ids: list[int]) -> None:
+    if ids:
+        await conn.execute(queries().delete_outbox, ids)
+
+
+async def outbox_backlog(conn: Connection) -> tuple[int, datetime | None]:
+    row = await conn.fetchrow(queries().outbox_backlog)
+    assert row is not None
+    return int(row["rows"]), row["oldest"]
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: int
+    created_at: datetime
+
+
+async def insert_dead_letter(
+    conn: Connection,
+    *,
+    subject: str,
+    headers: dict[str, str] | None,
+    payload: bytes,
+    reason: str,
+    error: str,
+    deliveries: int,
+    stream_position: str | None,
+) -> DeadLetterRow | None:
+    """Store a dead letter; None when this stream position was dead-lettered before."""
+    row = await conn.fetchrow(
+        queries().insert_dead_letter,
+        subject,
+        headers,
+        payload,
+        reason,
+        error,
+        deliveries,
+        stream_position,
+    )
+    return None if row is None else DeadLetterRow(row["id"], row["created_at"])
+
+
+# --- advisory locks and maintenance ----------------------------------------
+
+
+async def try_lock(conn: Connection, namespace: int, key: int) -> bool:
+    return bool(await conn.fetchval(queries().try_lock, namespace, key))
+
+
+async def unlock(conn: Connection, namespace: int, key: int) -> bool:
+    return bool(await conn.fetchval(queries().unlock, namespace, key))
+
+
+async def held_locks(conn: Connection, namespace: int, start: int, stop: int) -> set[int]:
+    """Keys in [start, stop) of a namespace that some connection holds right now."""
+    rows = await conn.fetch(queries().held_locks, namespace, start, stop)
+    return {int(r["objid"]) for r in rows}
+
+
+async def purge_ledger(conn: Connection, older_than_seconds: float, batch: int) -> int:
+    status: str = await conn.execute(queries().purge_ledger, older_than_seconds, batch)
+    return int(status.split()[-1])

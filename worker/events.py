@@ -1,0 +1,146 @@
+"""The messages: inbound events (contract section 3) and outbound events (section 5).
+
+Keys are camelCase on the wire. Inbound models ignore unknown keys (spokes
+upgrade independently) and type known keys strictly: a number is not a
+string, a timestamp needs its offset.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+from worker.domain import Resolution, SessionStatus, Severity
+
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+Reference = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+TaskName = Annotated[str, StringConstraints(max_length=256)]
+Reason = Annotated[str, StringConstraints(max_length=1024)]
+Fingerprint = Annotated[str, StringConstraints(max_length=256)]
+
+
+class _Inbound(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        strict=True,
+        frozen=True,
+    )
+
+    event_id: UUID
+    occurred_at: AwareDatetime
+    spoke_id: Identifier
+    session_id: Identifier
+    metadata: dict[str, Any] | None = None
+
+
+class LifecycleEvent(_Inbound):
+    """`started`, `heartbeat` and `archived` carry nothing beyond the common keys."""
+
+
+class SpawnedEvent(_Inbound):
+    parent_session_id: Reference | None = None
+    workspace_id: Reference | None = None
+    task_id: Reference | None = None
+    task: TaskName | None = None
+
+
+class EndedEvent(_Inbound):
+    """`completed`, `failed` and `aborted`."""
+
+    reason: Reason | None = None
+
+
+class SignalEvent(_Inbound):
+    severity: Severity
+    details: dict[str, Any] | None = None
+    fingerprint: Fingerprint | None = None
+
+
+InboundEvent = LifecycleEvent | SpawnedEvent | EndedEvent | SignalEvent
+
+
+class _Outbound(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+
+class DetectionState(_Outbound):
+    id: str
+    session_id: str
+    anomaly_type: str
+    severity: Severity
+    details: dict[str, Any] | None
+    dedup_key: str
+    occurrence_count: int
+    created_at: datetime
+    updated_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+    resolution: Resolution | None
+
+
+class MappingState(_Outbound):
+    id: str
+    session_id: str
+    spoke_id: str | None
+    workspace_id: str | None
+    parent_session_id: str | None
+    task_id: str | None
+    task: str | None
+    status: SessionStatus
+    created_at: datetime
+    updated_at: datetime
+
+
+class _Envelope(_Outbound):
+    event_id: UUID
+    occurred_at: datetime
+    causation_id: UUID | None
+
+
+class DetectionEvent(_Envelope):
+    """`detection.opened`, `detection.repeated` and `detection.resolved`."""
+
+    type: Literal["detection.opened", "detection.repeated", "detection.resolved"]
+    detection: DetectionState
+
+
+class DetectionEscalatedEvent(_Envelope):
+    type: Literal["detection.escalated"]
+    previous_severity: Severity
+    detection: DetectionState
+
+
+class MappingEvent(_Envelope):
+    type: Literal["mapping.active", "mapping.completed", "mapping.failed", "mapping.aborted"]
+    previous_status: SessionStatus | None
+    mapping: MappingState
+
+
+class DeadLetterEvent(_Envelope):
+    type: Literal["deadletter"]
+    dead_letter_id: int | None = Field(
+        description="Row id in dead_letters, for `hub-worker deadletters replay`."
+    )
+    reason: str
+    error: str
+    subject: str
+    deliveries: int
+    payload_base64: str
+
+
+OutboundEvent = DetectionEvent | DetectionEscalatedEvent | MappingEvent | DeadLetterEvent

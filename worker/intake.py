@@ -1,0 +1,115 @@
+"""From a stored message to a typed event, or to the dead-letter reason that applies.
+
+Pure: the subject as published and the body bytes in, an event out. The checks
+run in the order a reader would ask them: is this ours, is it small enough,
+is it JSON, is it a valid event, does it say what its subject says.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from worker.constants import MAX_EVENT_BYTES
+from worker.domain import DeadLetterError, DeadLetterReason, ended_status
+from worker.events import EndedEvent, InboundEvent, LifecycleEvent, SignalEvent, SpawnedEvent
+from worker.subjects import Route, parse_inbound
+
+
+@dataclass(frozen=True)
+class Intake:
+    route: Route
+    event: InboundEvent
+
+
+def decode(prefix: str, subject: str, body: bytes) -> Intake:
+    """Decode one inbound message; raises DeadLetterError with the contract's reason."""
+    route = parse_inbound(prefix, subject)
+    if route is None:
+        _reject(
+            DeadLetterReason.UNKNOWN_SUBJECT,
+            f"subject {subject!r} matches no inbound subject of the contract",
+        )
+    if len(body) > MAX_EVENT_BYTES:
+        _reject(
+            DeadLetterReason.TOO_LARGE,
+            f"body is {len(body)} bytes, more than the {MAX_EVENT_BYTES} allowed",
+        )
+    _require_json_object(body)
+    model = _model_for(route)
+    try:
+        # Strict validation of the JSON text: UUIDs and timestamps are read
+        # from strings and nothing else is coerced.
+        event = model.model_validate_json(body)
+    except ValidationError as err:
+        _reject(DeadLetterReason.INVALID_EVENT, _describe(err))
+    if event.spoke_id != route.spoke_id or event.session_id != route.session_id:
+        _reject(
+            DeadLetterReason.SUBJECT_MISMATCH,
+            f"body says spoke {event.spoke_id!r} session {event.session_id!r}, "
+            f"subject says spoke {route.spoke_id!r} session {route.session_id!r}",
+        )
+    return Intake(route, event)
+
+
+def _model_for(route: Route) -> type[InboundEvent]:
+    if route.signal_kind is not None:
+        return SignalEvent
+    if route.lifecycle == "spawned":
+        return SpawnedEvent
+    if route.lifecycle is not None and ended_status(route.lifecycle) is not None:
+        return EndedEvent
+    return LifecycleEvent
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _require_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+        document = json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError as err:
+        _reject(
+            DeadLetterReason.INVALID_JSON, f"body is not UTF-8: {err.reason} at byte {err.start}"
+        )
+    except ValueError as err:
+        _reject(DeadLetterReason.INVALID_JSON, f"body is not JSON: {err}")
+    if not isinstance(document, dict):
+        _reject(
+            DeadLetterReason.INVALID_JSON,
+            f"body is JSON but a {type(document).__name__}, not an object",
+        )
+    if _has_nul(document):
+        # PostgreSQL text and jsonb cannot hold U+0000; refusing it here gives
+        # a clear reason instead of five failed deliveries.
+        _reject(DeadLetterReason.INVALID_EVENT, "a string in the body contains U+0000")
+    return document
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _describe(err: ValidationError) -> str:
+    problems = []
+    for problem in err.errors(include_url=False)[:5]:
+        where = ".".join(str(part) for part in problem["loc"]) or "body"
+        problems.append(f"{where}: {problem['msg']}")
+    more = err.error_count() - len(problems)
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return "invalid event: " + "; ".join(problems) + suffix
+
+
+def _reject(reason: DeadLetterReason, error: str) -> NoReturn:
+    raise DeadLetterError(reason, error)

@@ -1,0 +1,216 @@
+"""Lanes: ordered slices of the inbound stream, each owned by one worker at a time.
+
+Per-session order across many workers: the stream's subject transform puts
+every event of a session into one partition, each partition is read by its
+own durable consumer, and each consumer is read by one worker at a time —
+the one holding the lane's advisory lock, on the very connection that runs
+the lane's transactions. If that connection dies the lock is gone, and so is
+the ability to commit: there is no window where two workers apply events of
+one lane. Within a lane, messages are applied one after another in stream
+order.
+
+Workers share the lanes fairly: each live worker (counted through member
+slots, also advisory locks) owns at most ceil(lanes / workers); one that
+owns more hands the surplus back after the message in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+
+from worker import db
+from worker.bus import NATS_ERRORS, Bus, Lane
+from worker.constants import (
+    FETCH_BATCH,
+    FETCH_WAIT_SECONDS,
+    LANE_CLAIM_INTERVAL_SECONDS,
+    MEMBER_SLOTS,
+    RECONNECT_BASE_SECONDS,
+    RECONNECT_MAX_SECONDS,
+)
+from worker.domain import retry_delay
+from worker.handler import LaneLost, MessageHandler
+from worker.leadership import close_quietly, pause
+from worker.locks import MEMBER_KEY_BASE
+
+log = structlog.get_logger("worker.lanes")
+
+# The lane's connection is gone: the lock went with it.
+_LANE_ENDING_ERRORS: tuple[type[Exception], ...] = (LaneLost, *db.CONNECTION_ERRORS)
+
+
+@dataclass
+class _Owned:
+    lane: Lane
+    conn: db.Connection
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class LaneManager:
+    """Claims lanes for this worker and runs one task per owned lane."""
+
+    def __init__(
+        self,
+        dsn: str,
+        bus: Bus,
+        handler: MessageHandler,
+        lock_namespace: int,
+        lanes: list[Lane],
+    ) -> None:
+        self.dsn = dsn
+        self.bus = bus
+        self.handler = handler
+        self.namespace = lock_namespace
+        self.lanes = {lane.key: lane for lane in lanes}
+        self.owned: dict[int, _Owned] = {}
+        self.handled = 0
+
+    def __repr__(self) -> str:
+        return f"<LaneManager owned={sorted(self.owned)} handled={self.handled}>"
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        failures = 0
+        control: db.Connection | None = None
+        try:
+            while not stopping.is_set():
+                try:
+                    if control is None or control.is_closed():
+                        control = await db.connect(self.dsn, application_name="hub-worker:lanes")
+                        await self._join(control)
+                    await self._rebalance(control)
+                    failures = 0
+                except db.CONNECTION_ERRORS as err:
+                    failures += 1
+                    delay = retry_delay(failures, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+                    log.warning(
+                        "lanes.database_unreachable",
+                        action="lanes.claim",
+                        error=str(err),
+                        retry_in=delay,
+                    )
+                    if control is not None:
+                        await close_quietly(control)
+                        control = None
+                    await pause(stopping, delay)
+                    continue
+                self._reap()
+                await pause(stopping, LANE_CLAIM_INTERVAL_SECONDS)
+        finally:
+            for owned in self.owned.values():
+                owned.release.set()
+            await asyncio.gather(
+                *(o.task for o in self.owned.values() if o.task), return_exceptions=True
+            )
+            if control is not None:
+                await close_quietly(control)
+
+    async def _join(self, control: db.Connection) -> None:
+        """Take a member slot so that other workers count this one."""
+        for slot in range(MEMBER_SLOTS):
+            if await db.try_lock(control, self.namespace, MEMBER_KEY_BASE + slot):
+                log.info("lanes.joined", action="lanes.join", member_slot=slot)
+                return
+        log.warning("lanes.no_member_slot", action="lanes.join")
+
+    async def _rebalance(self, control: db.Connection) -> None:
+        members = await db.held_locks(
+            control, self.namespace, MEMBER_KEY_BASE, MEMBER_KEY_BASE + MEMBER_SLOTS
+        )
+        share = math.ceil(len(self.lanes) / max(1, len(members)))
+        mine = sorted(k for k, o in self.owned.items() if not o.release.is_set())
+        for key in mine[share:]:
+            log.info("lane.handing_over", action="lane.release", lane=self.lanes[key].durable)
+            self.owned[key].release.set()
+        if len(mine) >= share:
+            return
+        held = await db.held_locks(control, self.namespace, min(self.lanes), max(self.lanes) + 1)
+        for key in sorted(set(self.lanes) - held - set(self.owned))[: share - len(mine)]:
+            conn = await db.connect(
+                self.dsn, application_name=f"hub-worker:{self.lanes[key].durable}"
+            )
+            if not await db.try_lock(conn, self.namespace, key):
+                await close_quietly(conn)
+                continue
+            owned = _Owned(self.lanes[key], conn)
+            owned.task = asyncio.create_task(self._run_lane(owned), name=self.lanes[key].durable)
+            self.owned[key] = owned
+
+    def _reap(self) -> None:
+        for key, owned in list(self.owned.items()):
+            if owned.task is not None and owned.task.done():
+                del self.owned[key]
+                if not owned.task.cancelled() and (err := owned.task.exception()) is not None:
+                    log.error(
+                        "lane.crashed",
+                        action="lane.crashed",
+                        lane=owned.lane.durable,
+                        error=f"{type(err).__name__}: {err}",
+                    )
+
+    async def _run_lane(self, owned: _Owned) -> None:
+        lane, conn = owned.lane, owned.conn
+        log.info("lane.owned", action="lane.claim", lane=lane.durable)
+        try:
+            await self.bus.take_over(lane)
+            subscription = await self.bus.pull(lane)
+            failures = 0
+            while not owned.release.is_set():
+                try:
+                    batch = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
+                except nats.js.errors.NotFoundError:
+                    # The consumer was deleted under us: recreate it and go on.
+                    await self.bus.ensure_consumer(lane)
+                    continue
+                except TimeoutError:
+                    continue
+                except NATS_ERRORS as err:
+                    failures += 1
+                    delay = retry_delay(failures, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+                    log.warning(
+                        "lane.fetch_failed",
+                        action="lane.fetch",
+                        lane=lane.durable,
+                        error=str(err),
+                        retry_in=delay,
+                    )
+                    await pause(owned.release, delay)
+                    continue
+                failures = 0
+                for position, msg in enumerate(batch):
+                    if owned.release.is_set():
+                        await _give_back(batch[position:])
+                        break
+                    try:
+                        await self.handler.handle(conn, msg)
+                    except LaneLost:
+                        await _give_back(batch[position:])
+                        raise
+                    self.handled += 1
+            await subscription.unsubscribe()
+        except _LANE_ENDING_ERRORS as err:
+            log.warning("lane.lost", action="lane.lost", lane=lane.durable, error=str(err))
+        except NATS_ERRORS as err:
+            log.warning("lane.nats_failed", action="lane.lost", lane=lane.durable, error=str(err))
+        finally:
+            if not conn.is_closed():
+                with contextlib.suppress(*db.CONNECTION_ERRORS):
+                    await db.unlock(conn, self.namespace, lane.key)
+            await close_quietly(conn)
+            log.info("lane.released", action="lane.release", lane=lane.durable)
+
+
+async def _give_back(batch: list[Msg]) -> None:
+    """Nak fetched messages that will not be handled here, so they come back soon."""
+    for msg in batch:
+        try:
+            await msg.nak()
+        except NATS_ERRORS:
+            return

@@ -1,0 +1,74 @@
+"""Run a duty on exactly one worker at a time, handing it over when that worker dies.
+
+The leader holds a session-level advisory lock on a connection of its own;
+when that connection dies (crash, kill, network), PostgreSQL releases the lock
+and another worker's next try takes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from worker import db
+from worker.constants import LEADER_RETRY_SECONDS, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS
+from worker.domain import retry_delay
+
+log = structlog.get_logger("worker.leadership")
+
+Duty = Callable[[db.Connection, asyncio.Event], Awaitable[None]]
+
+
+async def lead(
+    role: str,
+    dsn: str,
+    lock_namespace: int,
+    lock_key: int,
+    duty: Duty,
+    stopping: asyncio.Event,
+) -> None:
+    """Try to lead `role` until `stopping`; while leading, run `duty(conn, stopping)`.
+
+    The duty returns when `stopping` is set (after finishing its work) and
+    raises a connection error when the database goes away; leadership is
+    then sought again after a backoff.
+    """
+    failures = 0
+    while not stopping.is_set():
+        conn: db.Connection | None = None
+        try:
+            conn = await db.connect(dsn, application_name=f"hub-worker:{role}")
+            failures = 0
+            while not stopping.is_set():
+                if await db.try_lock(conn, lock_namespace, lock_key):
+                    log.info("leader.elected", action="leader.elected", role=role)
+                    await duty(conn, stopping)
+                    await db.unlock(conn, lock_namespace, lock_key)
+                    break
+                await pause(stopping, LEADER_RETRY_SECONDS)
+        except db.CONNECTION_ERRORS as err:
+            failures += 1
+            delay = retry_delay(failures, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+            log.warning(
+                "leader.lost", action="leader.lost", role=role, error=str(err), retry_in=delay
+            )
+            await pause(stopping, delay)
+        finally:
+            if conn is not None:
+                await close_quietly(conn)
+
+
+async def pause(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep for `seconds`, or less when `stopping` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
+
+
+async def close_quietly(conn: db.Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), timeout=2)
+    except db.CONNECTION_ERRORS:
+        conn.terminate()

@@ -1,0 +1,21 @@
+"""Advisory lock ids: who leads, who owns which lane, how many workers are alive.
+
+Two-int advisory locks: the namespace is derived from the subject prefix, so
+hubs with different prefixes can share a database without sharing leaders.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+# Keys within a namespace.
+RELAY_LEADER = 1
+SWEEP_LEADER = 2
+MAINTENANCE_LEADER = 3
+# LANE_KEY_BASE (100) and up: one per lane, see worker.bus.lanes.
+MEMBER_KEY_BASE = 1000
+
+
+def namespace(prefix: str) -> int:
+    """A stable positive int4 per subject prefix."""
+    return zlib.crc32(f"hub-worker:{prefix}".encode()) & 0x7FFFFFFF
