@@ -38,14 +38,23 @@ def decode(prefix: str, subject: str, body: bytes) -> Intake:
             DeadLetterReason.TOO_LARGE,
             f"body is {len(body)} bytes, more than the {MAX_EVENT_BYTES} allowed",
         )
-    _require_json_object(body)
+    document = _json_object(body)
     model = _model_for(route)
+    # Only the keys this model knows are checked: unknown keys are ignored
+    # whatever they hold (spokes upgrade independently).
+    known = {key: value for key, value in document.items() if key in _aliases(model)}
     try:
-        # Strict validation of the JSON text: UUIDs and timestamps are read
-        # from strings and nothing else is coerced.
-        event = model.model_validate_json(body)
+        if _has_nul(known):
+            # PostgreSQL text and jsonb cannot hold U+0000; refusing it here
+            # gives a clear reason instead of five failed deliveries.
+            _reject(DeadLetterReason.INVALID_EVENT, "a string in the body contains U+0000")
+        # Strict validation of JSON text: UUIDs and timestamps are read from
+        # strings and nothing else is coerced.
+        event = model.model_validate_json(json.dumps(known))
     except ValidationError as err:
         _reject(DeadLetterReason.INVALID_EVENT, _describe(err))
+    except (RecursionError, ValueError) as err:
+        _reject(DeadLetterReason.INVALID_EVENT, f"invalid event: {err}")
     if event.spoke_id != route.spoke_id or event.session_id != route.session_id:
         _reject(
             DeadLetterReason.SUBJECT_MISMATCH,
@@ -69,7 +78,11 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _require_json_object(body: bytes) -> dict[str, Any]:
+def _aliases(model: type[InboundEvent]) -> frozenset[str]:
+    return frozenset(field.alias or name for name, field in model.model_fields.items())
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
         document = json.loads(text, parse_constant=_reject_constant)
@@ -79,15 +92,13 @@ def _require_json_object(body: bytes) -> dict[str, Any]:
         )
     except ValueError as err:
         _reject(DeadLetterReason.INVALID_JSON, f"body is not JSON: {err}")
+    except RecursionError:
+        _reject(DeadLetterReason.INVALID_JSON, "body nests deeper than the JSON parser allows")
     if not isinstance(document, dict):
         _reject(
             DeadLetterReason.INVALID_JSON,
             f"body is JSON but a {type(document).__name__}, not an object",
         )
-    if _has_nul(document):
-        # PostgreSQL text and jsonb cannot hold U+0000; refusing it here gives
-        # a clear reason instead of five failed deliveries.
-        _reject(DeadLetterReason.INVALID_EVENT, "a string in the body contains U+0000")
     return document
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from worker.domain import LIFECYCLES, Lifecycle
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # The stream stores partitioned events under this token, outside `P.spoke.>`,
 # so that the consumer of `P.spoke.>` sees only what the transform left alone.
 PARTITION_TOKEN = "part"
@@ -34,12 +34,12 @@ def parse_inbound(prefix: str, subject: str) -> Route | None:
     if len(tokens) < 4 or tokens[1] != "session":
         return None
     spoke_id, _, session_id, *rest = tokens
-    if not (_ID_RE.match(spoke_id) and _ID_RE.match(session_id)):
+    if not (_ID_RE.fullmatch(spoke_id) and _ID_RE.fullmatch(session_id)):
         return None
     if len(rest) == 1 and rest[0] in LIFECYCLES:
         lifecycle: Lifecycle = next(lc for lc in LIFECYCLES if lc == rest[0])
         return Route(spoke_id, session_id, lifecycle=lifecycle)
-    if len(rest) == 2 and rest[0] == "signal" and _KIND_RE.match(rest[1]):
+    if len(rest) == 2 and rest[0] == "signal" and _KIND_RE.fullmatch(rest[1]):
         return Route(spoke_id, session_id, signal_kind=rest[1])
     return None
 

@@ -1,0 +1,141 @@
+"""Real servers for the tests: a nats-server with JetStream and a PostgreSQL.
+
+By default both are embedded (started here from the PyPI packages); set
+HUB_TEST_NATS_URL and/or HUB_TEST_DATABASE_URL to use external ones (the
+database role needs CREATEDB). Each test gets its own database, copied from
+a migrated template, and its own subject prefix, so tests never see each
+other's rows, streams or consumers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import asyncpg
+import nats
+import pytest
+
+from tests.support import Hub, with_database
+from worker import db
+from worker.config import Settings
+from worker.embedded import EmbeddedNats, EmbeddedPostgres
+
+# Durability is not under test here; speed is welcome.
+FAST_POSTGRES = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "400",
+}
+TEMPLATE_DATABASE = f"hub_template_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    external = os.environ.get("HUB_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    # Not under pytest's basetemp: pytest makes that private to root again at
+    # every start (and prunes old ones), while the server runs as another user.
+    data_dir = Path(tempfile.mkdtemp(prefix="hub-worker-test-postgres-"))
+    server = EmbeddedPostgres(data_dir, options=FAST_POSTGRES)
+    server.start()
+    try:
+        yield server.dsn()
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("HUB_TEST_NATS_URL")
+    if external:
+        yield external
+        return
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_database(postgres_admin_url: str) -> AsyncIterator[str]:
+    """A database with every migration applied, copied for each test."""
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DATABASE}"')
+        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
+        conn = await db.connect(with_database(postgres_admin_url, TEMPLATE_DATABASE))
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+        yield TEMPLATE_DATABASE
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DATABASE}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_admin_url: str, template_database: str) -> AsyncIterator[str]:
+    name = f"hub_test_{uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield with_database(postgres_admin_url, name)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Settings of one test's hub; tests may replace fields with dataclasses.replace."""
+    return Settings(
+        subject_prefix=f"t{uuid4().hex[:10]}",
+        http_addr="",
+        log_format="json",
+        partitions=4,
+        stall_after_seconds=600,
+        sweep_interval_seconds=30,
+    )
+
+
+@pytest.fixture
+async def hub(
+    settings: Settings, database_url: str, nats_url: str, tmp_path: Path
+) -> AsyncIterator[Hub]:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    conn = await db.connect(database_url, application_name="tests")
+    the_hub = Hub(settings, database_url, nats_url, nc, js, conn, tmp_path)
+    try:
+        yield the_hub
+    finally:
+        await the_hub.stop_workers()
+        for process in the_hub.processes:
+            process.kill()
+        await conn.close()
+        for stream in (settings.events_stream, settings.out_stream):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(stream)
+        await nc.close()
+
+
+def pytest_report_header() -> list[str]:
+    where = {
+        "nats": os.environ.get("HUB_TEST_NATS_URL", "embedded"),
+        "postgres": "external" if os.environ.get("HUB_TEST_DATABASE_URL") else "embedded",
+    }
+    return [f"hub-worker servers: {json.dumps(where)}"]

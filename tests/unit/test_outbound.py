@@ -1,0 +1,360 @@
+"""Outbound events for the outbox (contract section 5): subjects and camelCase bodies."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from worker.domain import DetectionChange, SessionStatus, Severity
+from worker.events import DetectionState, MappingState
+from worker.outbound import dead_lettered, detection_changed, mapping_changed
+
+CREATED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+UPDATED = CREATED + timedelta(minutes=3)
+CAUSE = UUID("0b6a2f8e-3c1d-4e5f-8a9b-0c1d2e3f4a5b")
+
+ENVELOPE_KEYS = {"eventId", "occurredAt", "type", "causationId"}
+DETECTION_KEYS = {
+    "id",
+    "sessionId",
+    "anomalyType",
+    "severity",
+    "details",
+    "dedupKey",
+    "occurrenceCount",
+    "createdAt",
+    "updatedAt",
+    "resolvedAt",
+    "resolvedBy",
+    "resolution",
+}
+MAPPING_KEYS = {
+    "id",
+    "sessionId",
+    "spokeId",
+    "workspaceId",
+    "parentSessionId",
+    "taskId",
+    "task",
+    "status",
+    "createdAt",
+    "updatedAt",
+}
+
+
+def detection(**overrides: Any) -> DetectionState:
+    fields: dict[str, Any] = {
+        "id": "det-1",
+        "session_id": "sess-1",
+        "anomaly_type": "MODEL_DEGRADATION",
+        "severity": "high",
+        "details": {"errorRate": 0.4, "window": [1, 2]},
+        "dedup_key": "ab" * 32,
+        "occurrence_count": 3,
+        "created_at": CREATED,
+        "updated_at": UPDATED,
+        "resolved_at": None,
+        "resolved_by": None,
+        "resolution": None,
+    }
+    fields.update(overrides)
+    return DetectionState(**fields)
+
+
+def mapping(**overrides: Any) -> MappingState:
+    fields: dict[str, Any] = {
+        "id": "map-1",
+        "session_id": "sess-1",
+        "spoke_id": "spoke-1",
+        "workspace_id": "ws-1",
+        "parent_session_id": "coord-1",
+        "task_id": "task-1",
+        "task": "Write the tests",
+        "status": "active",
+        "created_at": CREATED,
+        "updated_at": UPDATED,
+    }
+    fields.update(overrides)
+    return MappingState(**fields)
+
+
+def payload(row: Any) -> dict[str, Any]:
+    body = json.loads(row.payload.decode("utf-8"))
+    assert isinstance(body, dict)
+    return body
+
+
+def rfc3339(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text)
+    assert parsed.tzinfo is not None, f"{text!r} has no offset"
+    return parsed
+
+
+# --- detections ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["opened", "repeated", "resolved"])
+def test_detection_event_has_exactly_the_contract_keys(change: DetectionChange) -> None:
+    body = payload(detection_changed("hub", change, detection(), CAUSE))
+    assert set(body) == ENVELOPE_KEYS | {"detection"}
+    assert set(body["detection"]) == DETECTION_KEYS
+
+
+def test_escalated_event_adds_previous_severity() -> None:
+    row = detection_changed("hub", "escalated", detection(severity="high"), CAUSE, "low")
+    body = payload(row)
+    assert set(body) == ENVELOPE_KEYS | {"detection", "previousSeverity"}
+    assert set(body["detection"]) == DETECTION_KEYS
+    assert body["previousSeverity"] == "low"
+    assert body["detection"]["severity"] == "high"
+
+
+@pytest.mark.parametrize("change", ["opened", "repeated", "resolved"])
+def test_only_escalated_carries_previous_severity(change: DetectionChange) -> None:
+    body = payload(detection_changed("hub", change, detection(), CAUSE, "low"))
+    assert "previousSeverity" not in body
+
+
+@pytest.mark.parametrize(
+    ("prefix", "change", "severity", "anomaly_type", "subject"),
+    [
+        (
+            "hub",
+            "opened",
+            "high",
+            "MODEL_DEGRADATION",
+            "hub.detection.opened.high.model_degradation",
+        ),
+        (
+            "hub",
+            "repeated",
+            "low",
+            "HIGH_ERROR_COUNT",
+            "hub.detection.repeated.low.high_error_count",
+        ),
+        ("t-42", "escalated", "medium", "X", "t-42.detection.escalated.medium.x"),
+        (
+            "org.hub",
+            "resolved",
+            "medium",
+            "SESSION_STALL",
+            "org.hub.detection.resolved.medium.session_stall",
+        ),
+    ],
+)
+def test_detection_event_subject_and_type(
+    prefix: str, change: DetectionChange, severity: Severity, anomaly_type: str, subject: str
+) -> None:
+    state = detection(severity=severity, anomaly_type=anomaly_type)
+    row = detection_changed(prefix, change, state, CAUSE, "low")
+    assert row.subject == subject
+    assert payload(row)["type"] == f"detection.{change}"
+
+
+def test_detection_event_carries_the_committed_state() -> None:
+    state = detection()
+    body = payload(detection_changed("hub", "repeated", state, CAUSE))
+    assert body["detection"] == {
+        "id": "det-1",
+        "sessionId": "sess-1",
+        "anomalyType": "MODEL_DEGRADATION",
+        "severity": "high",
+        "details": {"errorRate": 0.4, "window": [1, 2]},
+        "dedupKey": "ab" * 32,
+        "occurrenceCount": 3,
+        "createdAt": body["detection"]["createdAt"],
+        "updatedAt": body["detection"]["updatedAt"],
+        "resolvedAt": None,
+        "resolvedBy": None,
+        "resolution": None,
+    }
+    assert rfc3339(body["detection"]["createdAt"]) == CREATED
+    assert rfc3339(body["detection"]["updatedAt"]) == UPDATED
+
+
+def test_resolved_event_carries_the_resolution() -> None:
+    resolved_at = UPDATED + timedelta(hours=1)
+    state = detection(
+        resolved_at=resolved_at, updated_at=resolved_at, resolved_by="acct-7", resolution="fixed"
+    )
+    body = payload(detection_changed("hub", "resolved", state, None))
+    assert rfc3339(body["detection"]["resolvedAt"]) == resolved_at
+    assert body["detection"]["resolvedBy"] == "acct-7"
+    assert body["detection"]["resolution"] == "fixed"
+
+
+def test_auto_resolved_event_has_no_resolver() -> None:
+    state = detection(resolved_at=UPDATED, resolved_by=None, resolution="auto_resolved")
+    body = payload(detection_changed("hub", "resolved", state, CAUSE))
+    assert body["detection"]["resolvedBy"] is None
+    assert body["detection"]["resolution"] == "auto_resolved"
+
+
+def test_detection_details_may_be_empty_or_null() -> None:
+    assert (
+        payload(detection_changed("hub", "opened", detection(details={}), None))["detection"][
+            "details"
+        ]
+        == {}
+    )
+    assert (
+        payload(detection_changed("hub", "opened", detection(details=None), None))["detection"][
+            "details"
+        ]
+        is None
+    )
+
+
+@pytest.mark.parametrize(("cause", "expected"), [(CAUSE, str(CAUSE)), (None, None)])
+def test_causation_id_is_the_inbound_event_id_or_null(
+    cause: UUID | None, expected: str | None
+) -> None:
+    assert (
+        payload(detection_changed("hub", "opened", detection(), cause))["causationId"] == expected
+    )
+
+
+def test_outbound_event_id_is_the_row_event_id_and_unique() -> None:
+    first = detection_changed("hub", "opened", detection(), CAUSE)
+    second = detection_changed("hub", "opened", detection(), CAUSE)
+    assert UUID(payload(first)["eventId"]) == first.event_id
+    assert UUID(payload(second)["eventId"]) == second.event_id
+    assert first.event_id != second.event_id
+
+
+def test_detection_occurred_at_is_an_rfc3339_timestamp_with_offset() -> None:
+    body = payload(detection_changed("hub", "opened", detection(), CAUSE))
+    occurred = rfc3339(body["occurredAt"])
+    assert occurred >= CREATED
+
+
+# --- mappings --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "previous"),
+    [
+        ("active", None),
+        ("completed", "active"),
+        ("failed", "active"),
+        ("aborted", "active"),
+        ("aborted", None),
+    ],
+)
+def test_mapping_event_subject_type_and_previous_status(
+    status: SessionStatus, previous: SessionStatus | None
+) -> None:
+    row = mapping_changed("hub", mapping(status=status), previous, CAUSE)
+    assert row.subject == f"hub.mapping.{status}.sess-1"
+    body = payload(row)
+    assert body["type"] == f"mapping.{status}"
+    assert body["previousStatus"] == previous
+    assert body["mapping"]["status"] == status
+
+
+def test_mapping_event_has_exactly_the_contract_keys() -> None:
+    body = payload(mapping_changed("hub", mapping(), None, CAUSE))
+    assert set(body) == ENVELOPE_KEYS | {"previousStatus", "mapping"}
+    assert set(body["mapping"]) == MAPPING_KEYS
+    assert "previousSeverity" not in body
+
+
+def test_mapping_event_carries_the_committed_state() -> None:
+    body = payload(mapping_changed("t-42", mapping(), None, CAUSE))
+    m = body["mapping"]
+    assert {k: v for k, v in m.items() if k not in ("createdAt", "updatedAt")} == {
+        "id": "map-1",
+        "sessionId": "sess-1",
+        "spokeId": "spoke-1",
+        "workspaceId": "ws-1",
+        "parentSessionId": "coord-1",
+        "taskId": "task-1",
+        "task": "Write the tests",
+        "status": "active",
+    }
+    assert rfc3339(m["createdAt"]) == CREATED
+    assert rfc3339(m["updatedAt"]) == UPDATED
+    assert body["causationId"] == str(CAUSE)
+    rfc3339(body["occurredAt"])
+
+
+def test_mapping_event_with_null_references() -> None:
+    state = mapping(workspace_id=None, parent_session_id=None, task_id=None, task=None)
+    m = payload(mapping_changed("hub", state, None, None))["mapping"]
+    assert (m["workspaceId"], m["parentSessionId"], m["taskId"], m["task"]) == (None,) * 4
+
+
+def test_mapping_event_id_is_the_row_event_id() -> None:
+    row = mapping_changed("hub", mapping(), None, None)
+    assert UUID(payload(row)["eventId"]) == row.event_id
+
+
+# --- dead letters ------------------------------------------------------------
+
+DEAD_LETTER_KEYS = ENVELOPE_KEYS | {
+    "reason",
+    "error",
+    "subject",
+    "deliveries",
+    "payloadBase64",
+}
+
+
+def _dead_letter(prefix: str = "hub", **overrides: Any) -> Any:
+    fields: dict[str, Any] = {
+        "dead_letter_id": 17,
+        "occurred_at": UPDATED,
+        "causation_id": None,
+        "reason": "invalid_json",
+        "error": "body is not JSON",
+        "subject": "hub.spoke.sp1.session.s1.started",
+        "deliveries": 1,
+        "payload": b"not json",
+    }
+    fields.update(overrides)
+    return dead_lettered(prefix, **fields)
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "invalid_json",
+        "too_large",
+        "invalid_event",
+        "unknown_subject",
+        "subject_mismatch",
+        "spoke_mismatch",
+        "handler_error",
+    ],
+)
+def test_dead_letter_subject_and_fields(reason: str) -> None:
+    row = _dead_letter(reason=reason, deliveries=5, causation_id=CAUSE)
+    assert row.subject == f"hub.deadletter.{reason}"
+    body = payload(row)
+    assert set(body) >= DEAD_LETTER_KEYS
+    assert body["type"] == "deadletter"
+    assert body["reason"] == reason
+    assert body["error"] == "body is not JSON"
+    assert body["subject"] == "hub.spoke.sp1.session.s1.started"
+    assert body["deliveries"] == 5
+    assert body["causationId"] == str(CAUSE)
+    assert UUID(body["eventId"]) == row.event_id
+    assert rfc3339(body["occurredAt"]) == UPDATED
+
+
+@pytest.mark.parametrize(
+    "original",
+    [b"", b"not json", b"\x00\xff\xfe binary \x80", "ünïcode ✓".encode(), b"x" * (64 * 1024 + 1)],
+)
+def test_dead_letter_payload_base64_decodes_to_the_original_bytes(original: bytes) -> None:
+    body = payload(_dead_letter(payload=original))
+    assert base64.b64decode(body["payloadBase64"], validate=True) == original
+
+
+def test_dead_letter_subject_uses_the_prefix() -> None:
+    assert _dead_letter("t-42", reason="too_large").subject == "t-42.deadletter.too_large"
