@@ -59,7 +59,7 @@ class MessageHandler:
         event_id: UUID | None = None
         try:
             try:
-                intake = decode(self.prefix, subject, msg.data)
+                intake = _decode(self.prefix, subject, msg.data)
                 event_id = intake.event.event_id
                 structlog.contextvars.bind_contextvars(
                     eventId=str(event_id), sessionId=intake.event.session_id
@@ -179,6 +179,19 @@ async def _quietly(action: Awaitable[None]) -> None:
         await action
     except NATS_ERRORS as err:
         log.warning("nats.ack_failed", action="event.settle", error=str(err) or type(err).__name__)
+
+
+def _decode(prefix: str, subject: str, body: bytes) -> Intake:
+    """`decode`, with any surprise it raises turned into a dead letter instead of a dead lane."""
+    try:
+        return decode(prefix, subject, body)
+    except DeadLetterError:
+        raise
+    except Exception as err:
+        raise DeadLetterError(
+            DeadLetterReason.INVALID_EVENT,
+            f"the event could not be decoded: {type(err).__name__}: {err}",
+        ) from err
 
 
 def _ms(started: float) -> float:
