@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Hub, Outbound
+from tests.support import Hub, Outbound, wait_until
 from tests.workload import Expected, Published, expect, generate
 
 pytestmark = pytest.mark.integration
@@ -106,8 +106,10 @@ async def test_worker_killed_mid_stream_and_restarted_loses_nothing(hub: Hub) ->
     async def handled() -> int:
         return int(await hub.value("SELECT count(*) FROM processed_events"))
 
-    while await handled() < len(stream) // 4:
-        await asyncio.sleep(0.05)
+    async def a_quarter_handled() -> bool:
+        return await handled() >= len(stream) // 4
+
+    await wait_until(a_quarter_handled, what="a quarter of the stream handled")
     victim.kill()  # SIGKILL: no drain, no flush, unacked messages and outbox rows left behind
     killed_at = await handled()
     await publisher
