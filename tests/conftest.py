@@ -9,7 +9,6 @@ other's rows, streams or consumers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,10 +18,9 @@ from pathlib import Path
 from uuid import uuid4
 
 import asyncpg
-import nats
 import pytest
 
-from tests.support import Hub, with_database
+from tests.support import Hub, open_hub, with_database
 from worker import db
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres
@@ -116,21 +114,8 @@ def settings() -> Settings:
 async def hub(
     settings: Settings, database_url: str, nats_url: str, tmp_path: Path
 ) -> AsyncIterator[Hub]:
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    conn = await db.connect(database_url, application_name="tests")
-    the_hub = Hub(settings, database_url, nats_url, nc, js, conn, tmp_path)
-    try:
+    async with open_hub(settings, database_url, nats_url, tmp_path) as the_hub:
         yield the_hub
-    finally:
-        await the_hub.stop_workers()
-        for process in the_hub.processes:
-            process.kill()
-        await conn.close()
-        for stream in (settings.events_stream, settings.out_stream):
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await js.delete_stream(stream)
-        await nc.close()
 
 
 def pytest_report_header() -> list[str]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from worker import db
 from worker.app import Worker
 from worker.config import Settings
 
@@ -238,3 +241,25 @@ class Hub:
 
     async def value(self, sql: str, *args: Any) -> Any:
         return await self.db.fetchval(sql, *args)
+
+
+@asynccontextmanager
+async def open_hub(
+    settings: Settings, database_url: str, nats_url: str, tmp: Path
+) -> AsyncIterator[Hub]:
+    """A hub on given servers; its workers are stopped and its streams deleted afterwards."""
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    js = nc.jetstream()
+    conn = await db.connect(database_url, application_name="tests")
+    hub = Hub(settings, database_url, nats_url, nc, js, conn, tmp)
+    try:
+        yield hub
+    finally:
+        await hub.stop_workers()
+        for process in hub.processes:
+            process.kill()
+        await hub.db.close()  # the test may have replaced it
+        for stream in (settings.events_stream, settings.out_stream):
+            with contextlib.suppress(nats.errors.Error):
+                await js.delete_stream(stream)
+        await nc.close()

@@ -146,7 +146,11 @@ async def connect(dsn: str, *, application_name: str = "hub-worker") -> Connecti
     conn: Connection = await asyncpg.connect(
         dsn, server_settings={"application_name": application_name}, timeout=10
     )
-    await _init_connection(conn)
+    try:
+        await _init_connection(conn)
+    except BaseException:
+        conn.terminate()
+        raise
     return conn
 
 

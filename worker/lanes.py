@@ -136,8 +136,13 @@ class LaneManager:
             conn = await db.connect(
                 self.dsn, application_name=f"hub-worker:{self.lanes[key].durable}"
             )
-            if not await db.try_lock(conn, self.namespace, key):
-                await close_quietly(conn)
+            locked = False
+            try:
+                locked = await db.try_lock(conn, self.namespace, key)
+            finally:
+                if not locked:
+                    await close_quietly(conn)
+            if not locked:
                 continue
             owned = _Owned(self.lanes[key], conn)
             owned.task = asyncio.create_task(self._run_lane(owned), name=self.lanes[key].durable)
