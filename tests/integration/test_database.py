@@ -1,0 +1,179 @@
+"""Migrations and the database's own guarantees (contract sections 2, 4 and 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from tests.support import ROOT, Hub, with_database
+from worker import db
+from worker.domain import dedup_key
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def empty_database(postgres_admin_url: str) -> str:
+    name = f"hub_empty_{uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return with_database(postgres_admin_url, name)
+
+
+def run_migrate(database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "migrate"],
+        env={"PATH": "/usr/bin:/bin", "HUB_DATABASE_URL": database_url, "HUB_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_concurrent_migrate_commands_apply_each_migration_once(empty_database: str) -> None:
+    results = await asyncio.gather(
+        *(asyncio.to_thread(run_migrate, empty_database) for _ in range(4))
+    )
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+    conn = await asyncpg.connect(empty_database)
+    try:
+        versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+        assert versions == [version for version, _ in db.migration_files()]
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        assert {
+            "accounts",
+            "spokes",
+            "workspaces",
+            "tasks",
+            "sessions",
+            "mappings",
+            "detections",
+            "dead_letters",
+            "processed_events",
+            "outbox",
+            "schema_migrations",
+        } <= tables
+    finally:
+        await conn.close()
+    # Running it again is a no-op.
+    again = run_migrate(empty_database)
+    assert again.returncode == 0
+    assert '"applied": []' in again.stderr
+
+
+async def test_detections_have_a_partial_unique_index_on_active_dedup_key(hub: Hub) -> None:
+    definition = await hub.value(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'detections'"
+        " AND indexdef LIKE 'CREATE UNIQUE INDEX%dedup_key%'"
+    )
+    assert "WHERE (resolved_at IS NULL)" in definition
+    await hub.db.execute("INSERT INTO spokes (id) VALUES ('sp')")
+    await hub.db.execute("INSERT INTO sessions (id, spoke_id) VALUES ('s', 'sp')")
+    insert = (
+        "INSERT INTO detections (id, session_id, anomaly_type, severity, dedup_key, resolved_at)"
+        " VALUES ($1, 's', 'X', 'low', 'k', $2)"
+    )
+    await hub.db.execute(insert, "resolved-1", None)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await hub.db.execute(insert, "second-active", None)
+    await hub.db.execute("UPDATE detections SET resolved_at = now()")
+    await hub.db.execute(insert, "active-again", None)
+
+
+async def race_upserts(database_url: str, writers: int) -> None:
+    """`writers` transactions upsert a signal of one dedup key at the same moment.
+
+    This bypasses the lanes and the session row lock that normally serialise a
+    session's events: only the partial unique index stands between them and a
+    second active detection.
+    """
+    setup = await db.connect(database_url)
+    await setup.execute("INSERT INTO spokes (id) VALUES ('sp') ON CONFLICT DO NOTHING")
+    await setup.execute(
+        "INSERT INTO sessions (id, spoke_id) VALUES ('s', 'sp') ON CONFLICT DO NOTHING"
+    )
+    await setup.close()
+    connections = [await db.connect(database_url) for _ in range(writers)]
+    try:
+        start = asyncio.Event()
+        key = dedup_key("MODEL_DEGRADATION", "s", None)
+
+        async def one(conn: db.Connection) -> None:
+            await start.wait()
+            async with conn.transaction():
+                await db.upsert_signal(
+                    conn,
+                    detection_id=str(uuid4()),
+                    session_id="s",
+                    anomaly_type="MODEL_DEGRADATION",
+                    severity="low",
+                    details=None,
+                    dedup_key=key,
+                )
+                await asyncio.sleep(0.05)  # hold the transaction open: overlap them all
+
+        tasks = [asyncio.create_task(one(c)) for c in connections]
+        await asyncio.sleep(0.1)
+        start.set()
+        await asyncio.gather(*tasks)
+    finally:
+        for conn in connections:
+            await conn.close()
+
+
+async def test_concurrent_upserts_of_one_key_never_open_two_detections(hub: Hub) -> None:
+    await race_upserts(hub.database_url, writers=12)
+    rows = await hub.rows("SELECT occurrence_count, resolved_at FROM detections")
+    assert rows == [{"occurrence_count": 12, "resolved_at": None}]
+
+
+async def test_without_the_unique_index_the_race_test_fails(hub: Hub) -> None:
+    """Negative control: remove the guard and the race test above cannot pass."""
+    await hub.db.execute("DROP INDEX uq_detections_active_dedup_key")
+    await hub.db.execute("CREATE INDEX plain_dedup_key ON detections (dedup_key)")
+    with pytest.raises(asyncpg.InvalidColumnReferenceError):
+        # ON CONFLICT (dedup_key) WHERE resolved_at IS NULL has nothing to arbitrate on.
+        await race_upserts(hub.database_url, writers=4)
+
+
+def test_the_wheel_carries_the_sql(tmp_path: Path) -> None:
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("hub_worker-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        f"worker/sql/{path.relative_to(ROOT / 'sql').as_posix()}"
+        for path in (ROOT / "sql").rglob("*.sql")
+    }
+    assert expected, "sql/ holds the migrations and queries"
+    assert expected <= names
