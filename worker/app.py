@@ -8,15 +8,22 @@ import structlog
 
 from worker import db
 from worker.bus import Bus, lanes
+from worker.commands import ResolveCommand
 from worker.config import Settings
-from worker.constants import DUPLICATE_WINDOW_SECONDS, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS
+from worker.constants import (
+    COMMAND_POOL_SIZE,
+    DUPLICATE_WINDOW_SECONDS,
+    RECONNECT_BASE_SECONDS,
+    RECONNECT_MAX_SECONDS,
+)
 from worker.domain import retry_delay
 from worker.handler import MessageHandler
 from worker.lanes import LaneManager
-from worker.leadership import close_quietly, lead, pause
-from worker.locks import MAINTENANCE_LEADER, RELAY_LEADER, namespace
+from worker.leadership import Duty, close_quietly, lead, pause
+from worker.locks import MAINTENANCE_LEADER, RELAY_LEADER, SWEEP_LEADER, namespace
 from worker.maintenance import LedgerJanitor
 from worker.relay import OutboxRelay
+from worker.sweep import StallSweep
 
 log = structlog.get_logger("worker.app")
 
@@ -63,6 +70,7 @@ class Worker:
         self.nats_urls = nats_urls
         self.lane_manager: LaneManager | None = None
         self.relay: OutboxRelay | None = None
+        self.sweep: StallSweep | None = None
 
     def __repr__(self) -> str:
         return (
@@ -84,33 +92,31 @@ class Worker:
                 lanes(s.subject_prefix, partitions),
             )
             self.relay = OutboxRelay(bus)
+            self.sweep = StallSweep(
+                s.subject_prefix,
+                bus,
+                lanes(s.subject_prefix, partitions),
+                s.stall_after_seconds,
+                s.sweep_interval_seconds,
+            )
             janitor = LedgerJanitor(s.stream_max_age_seconds + DUPLICATE_WINDOW_SECONDS)
+            pool = await db.create_pool(self.database_url, max_size=COMMAND_POOL_SIZE)
+            resolve = ResolveCommand(s.subject_prefix, bus, pool)
+            await resolve.start()
             lanes_stopping = asyncio.Event()
             duties_stopping = asyncio.Event()
+
+            def duty(role: str, key: int, body: Duty) -> asyncio.Task[None]:
+                return asyncio.create_task(
+                    lead(role, self.database_url, lock_namespace, key, body, duties_stopping),
+                    name=role,
+                )
+
             tasks = {
                 asyncio.create_task(self.lane_manager.run(lanes_stopping), name="lanes"),
-                asyncio.create_task(
-                    lead(
-                        "relay",
-                        self.database_url,
-                        lock_namespace,
-                        RELAY_LEADER,
-                        self.relay.duty,
-                        duties_stopping,
-                    ),
-                    name="relay",
-                ),
-                asyncio.create_task(
-                    lead(
-                        "maintenance",
-                        self.database_url,
-                        lock_namespace,
-                        MAINTENANCE_LEADER,
-                        janitor.duty,
-                        duties_stopping,
-                    ),
-                    name="maintenance",
-                ),
+                duty("relay", RELAY_LEADER, self.relay.duty),
+                duty("sweep", SWEEP_LEADER, self.sweep.duty),
+                duty("maintenance", MAINTENANCE_LEADER, janitor.duty),
             }
             log.info(
                 "worker.started",
@@ -124,14 +130,16 @@ class Worker:
             done, _ = await asyncio.wait({stop_waiter, *tasks}, return_when="FIRST_COMPLETED")
             stop_waiter.cancel()
             failed = [t for t in done if t is not stop_waiter]
-            # Lanes first (finish the message in hand), then the relay flushes
-            # what they committed.
+            # Commands and lanes first (finish what is in hand), then the relay
+            # flushes what they committed.
+            await resolve.stop()
             lanes_stopping.set()
             await asyncio.gather(
                 *(t for t in tasks if t.get_name() == "lanes"), return_exceptions=True
             )
             duties_stopping.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await pool.close()
             for task in failed:
                 error = task.exception() if not task.cancelled() else None
                 raise RuntimeError(f"worker task {task.get_name()} stopped unexpectedly") from error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import nats
 import nats.errors
@@ -221,6 +222,27 @@ class Bus:
             from_sequence=floor + 1,
             unacked=info.num_ack_pending,
         )
+
+    async def backlog_age(self, lanes: list[Lane]) -> float:
+        """Seconds since the oldest inbound message not yet acked was stored (0: no backlog)."""
+        stream = self.settings.events_stream
+        oldest: datetime | None = None
+        for lane in lanes:
+            info = await self.js.consumer_info(stream, lane.durable)
+            if not info.num_pending and not info.num_ack_pending:
+                continue
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            try:
+                first = await self.js.get_msg(
+                    stream, seq=floor + 1, subject=lane.filter_subject, next=True
+                )
+            except nats.js.errors.NotFoundError:
+                continue
+            if first.time is not None and (oldest is None or first.time < oldest):
+                oldest = first.time
+        if oldest is None:
+            return 0.0
+        return max(0.0, (datetime.now(UTC) - oldest).total_seconds())
 
     async def pull(self, lane: Lane) -> PullSubscription:
         return await self.js.pull_subscribe_bind(lane.durable, self.settings.events_stream)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker import __version__, logs
+from worker import __version__, db, logs
 from worker.app import Worker, migrate
 from worker.config import ConfigError, Settings
 from worker.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres, free_port
@@ -34,6 +34,7 @@ examples:
   hub-worker run                      # embedded NATS and PostgreSQL under ./.hub
   HUB_NATS_URL=nats://nats:4222 HUB_DATABASE_URL=postgresql://hub@db/hub hub-worker run
   hub-worker migrate                  # apply pending migrations and exit
+  hub-worker accounts add ops-alice   # an account that may resolve detections
 """
 
 
@@ -58,6 +59,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate",
         help="apply pending migrations and exit (safe to run from several replicas at once)",
     )
+    accounts = commands.add_parser(
+        "accounts",
+        help="manage the accounts that resolve detections",
+        description="Accounts are who resolves detections (detections.resolved_by).",
+        epilog="examples:\n  hub-worker accounts add ops-alice --name 'Alice (on call)'\n"
+        "  hub-worker accounts list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    account_commands = accounts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = account_commands.add_parser("add", help="create an account (or rename an existing one)")
+    add.add_argument("id", metavar="ID", help="the account id, as given to `resolvedBy`")
+    add.add_argument("--name", help="a display name")
+    account_commands.add_parser("list", help="list the accounts")
     args = parser.parse_args(argv)
 
     try:
@@ -72,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "migrate":
                 asyncio.run(migrate(endpoints.database_url))
                 return EXIT_OK
+            if args.command == "accounts":
+                return asyncio.run(_accounts(endpoints.database_url, args))
             return _run(settings, endpoints)
     except EmbeddedError as err:
         print(f"hub-worker: {err}", file=sys.stderr)
@@ -96,8 +112,10 @@ def servers(settings: Settings, need_nats: bool) -> Iterator[Endpoints]:
                 settings.data_dir / "postgres", port=_port_or_free(EMBEDDED_POSTGRES_PORT)
             )
             database_url = embedded_pg.start()
-            print(f"hub-worker: embedded PostgreSQL  {database_url}", flush=True)
-            print(f"            psql {database_url}", flush=True)
+            # `run` prints the URLs for people; other commands keep stdout for their output.
+            notices = sys.stdout if need_nats else sys.stderr
+            print(f"hub-worker: embedded PostgreSQL  {database_url}", file=notices, flush=True)
+            print(f"            psql {database_url}", file=notices, flush=True)
         nats_urls = list(settings.nats_urls or [])
         if need_nats and not nats_urls:
             embedded_nats = EmbeddedNats(
@@ -125,6 +143,27 @@ def _port_or_free(preferred: int) -> int:
         except OSError:
             return free_port()
     return preferred
+
+
+async def _accounts(database_url: str, args: argparse.Namespace) -> int:
+    try:
+        conn = await db.connect(database_url, application_name="hub-worker:accounts")
+    except db.CONNECTION_ERRORS as err:
+        print(f"hub-worker: cannot reach the database: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        await db.migrate(conn)
+        if args.action == "add":
+            account, created = await db.upsert_account(conn, args.id, args.name)
+            verb = "created" if created else "updated" if args.name else "exists:"
+            name = f" ({account.name})" if account.name else ""
+            print(f"{verb} account {account.id}{name}")
+        else:
+            for account in await db.list_accounts(conn):
+                print(f"{account.id}\t{account.name or ''}\t{account.created_at.isoformat()}")
+    finally:
+        await conn.close()
+    return EXIT_OK
 
 
 def _run(settings: Settings, endpoints: Endpoints) -> int:

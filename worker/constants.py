@@ -43,3 +43,13 @@ RECONNECT_MAX_SECONDS = 5.0
 
 # JetStream's duplicate window for Nats-Msg-Id on both streams, seconds.
 DUPLICATE_WINDOW_SECONDS = 120.0
+
+# Stall sweep: how often the sweep leader checks whether an interval is due
+# (a quarter of HUB_SWEEP_INTERVAL_SECONDS, within these bounds), seconds; and
+# the most sessions one sweep opens stalls for.
+SWEEP_TICK_MIN_SECONDS = 0.1
+SWEEP_TICK_MAX_SECONDS = 5.0
+SWEEP_BATCH = 5_000
+
+# Resolve command: database connections serving it per worker.
+COMMAND_POOL_SIZE = 4

@@ -18,13 +18,15 @@ from uuid import UUID
 
 import asyncpg
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 from worker.domain import Severity
 from worker.events import DetectionState, MappingState
 
 log = structlog.get_logger("worker.db")
 
-Connection = asyncpg.Connection
+# A plain connection or one borrowed from a pool: queries accept either.
+Connection = asyncpg.Connection | PoolConnectionProxy
 Pool = asyncpg.Pool
 
 # Errors that mean "the database is not there right now": the work is retried
@@ -88,6 +90,16 @@ class Queries:
     unlock: str
     held_locks: str
     purge_ledger: str
+    # sweep.sql
+    claim_schedule: str
+    stalled_sessions: str
+    open_stalls: str
+    # commands.sql
+    lock_detection: str
+    account_exists: str
+    resolve_detection: str
+    upsert_account: str
+    list_accounts: str
     # migrations.sql
     lock_migrations: str
     unlock_migrations: str
@@ -136,14 +148,14 @@ def queries() -> Queries:
 # --- connections -----------------------------------------------------------
 
 
-async def _init_connection(conn: Connection) -> None:
+async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
     )
 
 
-async def connect(dsn: str, *, application_name: str = "hub-worker") -> Connection:
-    conn: Connection = await asyncpg.connect(
+async def connect(dsn: str, *, application_name: str = "hub-worker") -> asyncpg.Connection:
+    conn: asyncpg.Connection = await asyncpg.connect(
         dsn, server_settings={"application_name": application_name}, timeout=10
     )
     try:
@@ -441,3 +453,88 @@ async def held_locks(conn: Connection, namespace: int, start: int, stop: int) ->
 async def purge_ledger(conn: Connection, older_than_seconds: float, batch: int) -> int:
     status: str = await conn.execute(queries().purge_ledger, older_than_seconds, batch)
     return int(status.split()[-1])
+
+
+# --- the stall sweep ---------------------------------------------------------
+
+
+async def claim_schedule(conn: Connection, name: str, interval_seconds: float) -> int | None:
+    """Claim this interval's run of a periodic duty: its run number, or None if it ran."""
+    runs = await conn.fetchval(queries().claim_schedule, name, interval_seconds)
+    return None if runs is None else int(runs)
+
+
+async def stalled_sessions(conn: Connection, stall_after_seconds: float, limit: int) -> list[str]:
+    rows = await conn.fetch(queries().stalled_sessions, stall_after_seconds, limit)
+    return [r["id"] for r in rows]
+
+
+@dataclass(frozen=True)
+class StallCandidate:
+    session_id: str
+    dedup_key: str
+    detection_id: str
+
+
+async def open_stalls(
+    conn: Connection,
+    candidates: list[StallCandidate],
+    *,
+    anomaly_type: str,
+    severity: Severity,
+    stall_after_seconds: float,
+) -> list[DetectionState]:
+    """Open a stall detection for each candidate still stalled and without an active one."""
+    rows = await conn.fetch(
+        queries().open_stalls,
+        [c.session_id for c in candidates],
+        [c.dedup_key for c in candidates],
+        [c.detection_id for c in candidates],
+        anomaly_type,
+        severity,
+        stall_after_seconds,
+    )
+    return [DetectionState.model_validate(dict(r)) for r in rows]
+
+
+# --- commands ------------------------------------------------------------------
+
+
+async def lock_detection(conn: Connection, detection_id: str) -> tuple[bool, bool]:
+    """(exists, resolved) of a detection, locking its row."""
+    row = await conn.fetchrow(queries().lock_detection, detection_id)
+    return (row is not None, row is not None and row["resolved_at"] is not None)
+
+
+async def account_exists(conn: Connection, account_id: str) -> bool:
+    return bool(await conn.fetchval(queries().account_exists, account_id))
+
+
+async def resolve_detection(
+    conn: Connection, detection_id: str, resolved_by: str, resolution: str
+) -> DetectionState | None:
+    row = await conn.fetchrow(queries().resolve_detection, detection_id, resolved_by, resolution)
+    return None if row is None else DetectionState.model_validate(dict(row))
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str
+    name: str | None
+    created_at: datetime
+
+
+async def upsert_account(
+    conn: Connection, account_id: str, name: str | None
+) -> tuple[Account, bool]:
+    """The account, and whether it was created now (False: it existed)."""
+    row = await conn.fetchrow(queries().upsert_account, account_id, name)
+    assert row is not None
+    return Account(row["id"], row["name"], row["created_at"]), bool(row["created"])
+
+
+async def list_accounts(conn: Connection) -> list[Account]:
+    return [
+        Account(r["id"], r["name"], r["created_at"])
+        for r in await conn.fetch(queries().list_accounts)
+    ]

@@ -118,6 +118,9 @@ class EmbeddedPostgres:
         self.options = options or {}
         self.bin = postgres_bin_dir()
         self.run_as = self._system_user() if os.geteuid() == 0 else None
+        # Only a server this object started is stopped by it: a command run
+        # beside `hub-worker run` must not take the worker's database away.
+        self.started = False
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -140,7 +143,8 @@ class EmbeddedPostgres:
             )
         running = self._running_port()
         if running is not None:
-            # A previous run was killed before it could stop its server: reuse it.
+            # Another process runs it (a worker, or a killed run that left it
+            # behind): use it as it is.
             self.port = running
             return self.dsn()
         settings = {"listen_addresses": "127.0.0.1", "port": str(self.port), **self.options}
@@ -160,12 +164,14 @@ class EmbeddedPostgres:
             str(int(STARTUP_TIMEOUT_SECONDS)),
             "start",
         )
+        self.started = True
         return self.dsn()
 
     def stop(self, mode: str = "fast") -> None:
-        if self._running_port() is None:
+        if not self.started or self._running_port() is None:
             return
         self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
+        self.started = False
 
     def _running_port(self) -> int | None:
         pid_file = self.data_dir / "postmaster.pid"

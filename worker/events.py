@@ -144,3 +144,36 @@ class DeadLetterEvent(_Envelope):
 
 
 OutboundEvent = DetectionEvent | DetectionEscalatedEvent | MappingEvent | DeadLetterEvent
+
+
+class ResolveRequest(BaseModel):
+    """Body of a request on `P.cmd.detection.resolve` (contract section 7)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        strict=True,
+        frozen=True,
+    )
+
+    detection_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    resolved_by: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    resolution: Literal["acknowledged", "dismissed", "escalated", "fixed"]
+
+
+class CommandError(_Outbound):
+    code: Literal[
+        "not_found", "already_resolved", "unknown_account", "invalid_request", "unavailable"
+    ]
+    message: str
+
+
+class ResolveReply(_Outbound):
+    """`{"ok": true, "detection": {...}}` or `{"ok": false, "error": {"code", "message"}}`."""
+
+    ok: bool
+    detection: DetectionState | None = None
+    error: CommandError | None = None

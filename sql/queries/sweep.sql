@@ -1,0 +1,39 @@
+-- The stall sweep. "Stalled" is measured on the database's clock only: every
+-- worker and the last_activity_at it compares with then share one clock, so
+-- skew between worker machines cannot raise or hide a stall.
+
+-- name: claim_schedule
+-- Claim this interval's run of a periodic duty; no row back means it ran already.
+UPDATE schedules
+SET last_run_at = now(), runs = runs + 1
+WHERE name = $1 AND last_run_at <= now() - make_interval(secs => $2)
+RETURNING runs;
+
+-- name: stalled_sessions
+-- Sessions alive on paper but silent for longer than $1 seconds.
+SELECT id FROM sessions
+WHERE status = 'active' AND archived_at IS NULL
+  AND last_activity_at < now() - make_interval(secs => $1)
+ORDER BY id
+LIMIT $2;
+
+-- name: open_stalls
+-- Open a stall detection for each candidate still stalled, unless one is
+-- active (repeated sweeps do not count). The session rows are locked, in id
+-- order, so a heartbeat committing meanwhile is seen and its session skipped.
+INSERT INTO detections (id, session_id, anomaly_type, severity, details, dedup_key)
+SELECT candidate.detection_id, s.id, $4, $5,
+       jsonb_build_object(
+           'lastActivityAt', s.last_activity_at,
+           'stalledSeconds', floor(extract(epoch FROM now() - s.last_activity_at))::bigint),
+       candidate.dedup_key
+FROM unnest($1::text[], $2::text[], $3::text[])
+         AS candidate (session_id, dedup_key, detection_id)
+JOIN sessions s ON s.id = candidate.session_id
+WHERE s.status = 'active' AND s.archived_at IS NULL
+  AND s.last_activity_at < now() - make_interval(secs => $6)
+ORDER BY s.id
+FOR UPDATE OF s
+ON CONFLICT (dedup_key) WHERE resolved_at IS NULL DO NOTHING
+RETURNING id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
+          created_at, updated_at, resolved_at, resolved_by, resolution;
