@@ -199,11 +199,20 @@ class Hub:
 
     # --- observing -------------------------------------------------------------
 
-    async def settled(self) -> bool:
+    async def quiet(self) -> bool:
         infos = await self.js.consumers_info(self.settings.events_stream)
         if any(i.num_pending or i.num_ack_pending for i in infos):
             return False
         return await self.db.fetchval("SELECT count(*) FROM outbox") == 0
+
+    async def settled(self) -> bool:
+        # nats-server counts a stored message into a filtered consumer's
+        # num_pending asynchronously, a moment after the publish ack: quiet
+        # twice, a little apart, means really quiet.
+        if not await self.quiet():
+            return False
+        await asyncio.sleep(0.1)
+        return await self.quiet()
 
     async def settle(self, within: float = SETTLE_TIMEOUT_SECONDS) -> None:
         """Until every inbound message is acked and every outbound event published."""
