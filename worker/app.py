@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import UTC, datetime
 
+import asyncpg
 import structlog
 
 from worker import db
-from worker.bus import Bus, lanes
+from worker.bus import NATS_ERRORS, Bus, Lane, lanes
 from worker.commands import ResolveCommand
 from worker.config import Settings
 from worker.constants import (
     COMMAND_POOL_SIZE,
+    CONSUMER_STALE_SECONDS,
     DUPLICATE_WINDOW_SECONDS,
+    METRICS_SAMPLE_SECONDS,
+    READINESS_QUERY_SECONDS,
     RECONNECT_BASE_SECONDS,
     RECONNECT_MAX_SECONDS,
 )
@@ -22,10 +28,16 @@ from worker.lanes import LaneManager
 from worker.leadership import Duty, close_quietly, lead, pause
 from worker.locks import MAINTENANCE_LEADER, RELAY_LEADER, SWEEP_LEADER, namespace
 from worker.maintenance import LedgerJanitor
+from worker.metrics import Metrics
+from worker.probes import Checks, ProbeServer
 from worker.relay import OutboxRelay
 from worker.sweep import StallSweep
 
 log = structlog.get_logger("worker.app")
+
+# What a probe or a sample may meet when asking PostgreSQL: reported, never fatal.
+_DATABASE_ERRORS: tuple[type[Exception], ...] = (*db.CONNECTION_ERRORS, asyncpg.PostgresError)
+_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *_DATABASE_ERRORS)
 
 
 async def migrate(dsn: str, stopping: asyncio.Event | None = None) -> list[str]:
@@ -60,17 +72,24 @@ class Worker:
 
     `run(stopping)` applies migrations, ensures the streams and consumers,
     then processes events until `stopping` is set; it returns after the
-    lanes finished the message in hand and the relay flushed the outbox.
-    If one of its tasks dies unexpectedly, it stops the others and raises.
+    lanes finished the message in hand and the relay flushed the outbox, or
+    when `settings.shutdown_grace_seconds` ran out. If one of its tasks dies
+    unexpectedly, it stops the others and raises (the process exits non-zero
+    rather than run half-dead).
     """
 
     def __init__(self, settings: Settings, database_url: str, nats_urls: list[str]) -> None:
         self.settings = settings
         self.database_url = database_url
         self.nats_urls = nats_urls
+        self.metrics = Metrics()
+        self.bus: Bus | None = None
+        self.pool: db.Pool | None = None
         self.lane_manager: LaneManager | None = None
         self.relay: OutboxRelay | None = None
         self.sweep: StallSweep | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.consumers_seen_at: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -79,73 +98,156 @@ class Worker:
 
     async def run(self, stopping: asyncio.Event) -> None:
         s = self.settings
-        await migrate(self.database_url)
-        bus = await Bus.connect(s, self.nats_urls)
+        probes = None
+        if s.http_addr:
+            probes = ProbeServer(s.http_addr, self.liveness, self.readiness, self.metrics.render)
+            await probes.start()
         try:
-            partitions = await self._ensure_topology(bus, stopping)
-            lock_namespace = namespace(s.subject_prefix)
-            self.lane_manager = LaneManager(
-                self.database_url,
-                bus,
-                MessageHandler(s.subject_prefix),
-                lock_namespace,
-                lanes(s.subject_prefix, partitions),
-            )
-            self.relay = OutboxRelay(bus)
-            self.sweep = StallSweep(
-                s.subject_prefix,
-                bus,
-                lanes(s.subject_prefix, partitions),
-                s.stall_after_seconds,
-                s.sweep_interval_seconds,
-            )
-            janitor = LedgerJanitor(s.stream_max_age_seconds + DUPLICATE_WINDOW_SECONDS)
-            pool = await db.create_pool(self.database_url, max_size=COMMAND_POOL_SIZE)
-            resolve = ResolveCommand(s.subject_prefix, bus, pool)
-            await resolve.start()
-            lanes_stopping = asyncio.Event()
-            duties_stopping = asyncio.Event()
-
-            def duty(role: str, key: int, body: Duty) -> asyncio.Task[None]:
-                return asyncio.create_task(
-                    lead(role, self.database_url, lock_namespace, key, body, duties_stopping),
-                    name=role,
-                )
-
-            tasks = {
-                asyncio.create_task(self.lane_manager.run(lanes_stopping), name="lanes"),
-                duty("relay", RELAY_LEADER, self.relay.duty),
-                duty("sweep", SWEEP_LEADER, self.sweep.duty),
-                duty("maintenance", MAINTENANCE_LEADER, janitor.duty),
-            }
-            log.info(
-                "worker.started",
-                action="worker.start",
-                prefix=s.subject_prefix,
-                partitions=partitions,
-                events_stream=s.events_stream,
-                out_stream=s.out_stream,
-            )
-            stop_waiter = asyncio.create_task(stopping.wait())
-            done, _ = await asyncio.wait({stop_waiter, *tasks}, return_when="FIRST_COMPLETED")
-            stop_waiter.cancel()
-            failed = [t for t in done if t is not stop_waiter]
-            # Commands and lanes first (finish what is in hand), then the relay
-            # flushes what they committed.
-            await resolve.stop()
-            lanes_stopping.set()
-            await asyncio.gather(
-                *(t for t in tasks if t.get_name() == "lanes"), return_exceptions=True
-            )
-            duties_stopping.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await pool.close()
-            for task in failed:
-                error = task.exception() if not task.cancelled() else None
-                raise RuntimeError(f"worker task {task.get_name()} stopped unexpectedly") from error
-            log.info("worker.stopped", action="worker.stop")
+            await migrate(self.database_url)
+            self.bus = bus = await Bus.connect(s, self.nats_urls)
+            try:
+                await self._serve(bus, stopping)
+            finally:
+                await bus.close()
         finally:
-            await bus.close()
+            if probes is not None:
+                await probes.stop()
+
+    async def _serve(self, bus: Bus, stopping: asyncio.Event) -> None:
+        s = self.settings
+        partitions = await self._ensure_topology(bus, stopping)
+        all_lanes = lanes(s.subject_prefix, partitions)
+        lock_namespace = namespace(s.subject_prefix)
+        self.lane_manager = LaneManager(
+            self.database_url,
+            bus,
+            MessageHandler(s.subject_prefix, self.metrics),
+            lock_namespace,
+            all_lanes,
+            self.metrics,
+        )
+        self.relay = OutboxRelay(bus, s.subject_prefix, self.metrics)
+        self.sweep = StallSweep(
+            s.subject_prefix,
+            bus,
+            all_lanes,
+            s.stall_after_seconds,
+            s.sweep_interval_seconds,
+            self.metrics,
+        )
+        janitor = LedgerJanitor(s.stream_max_age_seconds + DUPLICATE_WINDOW_SECONDS)
+        self.pool = pool = await db.create_pool(self.database_url, max_size=COMMAND_POOL_SIZE)
+        resolve = ResolveCommand(s.subject_prefix, bus, pool)
+        await resolve.start()
+        lanes_stopping = asyncio.Event()
+        duties_stopping = asyncio.Event()
+
+        def duty(role: str, key: int, body: Duty) -> asyncio.Task[None]:
+            return asyncio.create_task(
+                lead(role, self.database_url, lock_namespace, key, body, duties_stopping),
+                name=role,
+            )
+
+        lane_task = asyncio.create_task(self.lane_manager.run(lanes_stopping), name="lanes")
+        self.tasks = {
+            lane_task,
+            duty("relay", RELAY_LEADER, self.relay.duty),
+            duty("sweep", SWEEP_LEADER, self.sweep.duty),
+            duty("maintenance", MAINTENANCE_LEADER, janitor.duty),
+            asyncio.create_task(self._sample(all_lanes, duties_stopping), name="sampler"),
+        }
+        log.info(
+            "worker.started",
+            action="worker.start",
+            prefix=s.subject_prefix,
+            partitions=partitions,
+            events_stream=s.events_stream,
+            out_stream=s.out_stream,
+        )
+        stop_waiter = asyncio.create_task(stopping.wait())
+        done, _ = await asyncio.wait({stop_waiter, *self.tasks}, return_when="FIRST_COMPLETED")
+        stop_waiter.cancel()
+        failed = [t for t in self.tasks if t in done]
+        try:
+            async with asyncio.timeout(s.shutdown_grace_seconds):
+                # Commands and lanes first (finish what is in hand, give back
+                # the rest), then the relay flushes what they committed.
+                await resolve.stop()
+                lanes_stopping.set()
+                await asyncio.gather(lane_task, return_exceptions=True)
+                duties_stopping.set()
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+        except TimeoutError:
+            log.warning(
+                "worker.grace_expired",
+                action="worker.stop",
+                grace_seconds=s.shutdown_grace_seconds,
+            )
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await pool.close()
+        for task in failed:
+            error = task.exception() if not task.cancelled() else None
+            raise RuntimeError(f"worker task {task.get_name()} stopped unexpectedly") from error
+        log.info("worker.stopped", action="worker.stop")
+
+    def liveness(self) -> Checks:
+        """The process is alive and none of its loops has died."""
+        dead = [t.get_name() for t in self.tasks if t.done()]
+        return {"loops": "ok" if not dead else f"stopped: {', '.join(sorted(dead))}"}
+
+    async def readiness(self) -> Checks:
+        """NATS connected, the consumers answered recently, PostgreSQL answers."""
+        checks: Checks = {}
+        bus = self.bus
+        checks["nats"] = "ok" if bus is not None and bus.nc.is_connected else "not connected"
+        seen = self.consumers_seen_at
+        fresh = seen is not None and time.monotonic() - seen < CONSUMER_STALE_SECONDS
+        checks["consumer"] = (
+            "ok" if fresh else "no consumer info in the last " + (f"{CONSUMER_STALE_SECONDS:.0f}s")
+        )
+        if self.pool is None:
+            checks["postgres"] = "not connected yet"
+        else:
+            try:
+                async with asyncio.timeout(READINESS_QUERY_SECONDS):
+                    await self.pool.fetchval("SELECT 1")
+                checks["postgres"] = "ok"
+            except _PROBE_ERRORS as err:
+                checks["postgres"] = f"unreachable: {type(err).__name__}"
+        return checks
+
+    async def _sample(self, all_lanes: list[Lane], stopping: asyncio.Event) -> None:
+        """Refresh the gauges that come from outside: consumer info, outbox backlog."""
+        assert self.bus is not None
+        assert self.pool is not None
+        while not stopping.is_set():
+            try:
+                for lane in all_lanes:
+                    info = await self.bus.consumer_info(lane)
+                    self.metrics.consumer_pending.labels(lane.durable).set(info.num_pending or 0)
+                    self.metrics.consumer_ack_pending.labels(lane.durable).set(
+                        info.num_ack_pending or 0
+                    )
+                self.consumers_seen_at = time.monotonic()
+            except NATS_ERRORS as err:
+                log.warning("sample.consumers_failed", action="sample", error=str(err))
+            try:
+                rows, oldest = await db.outbox_backlog(self.pool)
+                self.metrics.outbox_backlog.set(rows)
+                self.metrics.outbox_oldest_age.set(
+                    0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+                )
+            except _DATABASE_ERRORS as err:
+                log.warning("sample.outbox_failed", action="sample", error=str(err))
+            if self.lane_manager is not None:
+                self.metrics.lanes_owned.set(len(self.lane_manager.owned))
+                self.metrics.db_connections.labels("lanes").set(len(self.lane_manager.owned))
+            self.metrics.db_connections.labels("commands").set(
+                self.pool.get_size() - self.pool.get_idle_size()
+            )
+            await pause(stopping, METRICS_SAMPLE_SECONDS)
 
     async def _ensure_topology(self, bus: Bus, stopping: asyncio.Event) -> int:
         attempt = 0

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     StorageType,
     StreamConfig,
@@ -190,11 +191,37 @@ class Bus:
         )
 
     async def ensure_consumer(self, lane: Lane) -> None:
+        """Create the lane's consumer when missing; reconcile one whose config cannot work.
+
+        A consumer with another filter or ack policy (made by hand, or by an
+        older version) would feed the lane the wrong messages or lose acks: it
+        is recreated from its ack floor, keeping its position.
+        """
+        stream = self.settings.events_stream
         try:
-            await self.js.consumer_info(self.settings.events_stream, lane.durable)
+            info = await self.js.consumer_info(stream, lane.durable)
         except nats.js.errors.NotFoundError:
-            await self.js.add_consumer(self.settings.events_stream, self._consumer_config(lane))
+            await self.js.add_consumer(stream, self._consumer_config(lane))
             log.info("consumer.created", action="consumer.ensure", consumer=lane.durable)
+            return
+        config = info.config
+        if config.filter_subject == lane.filter_subject and config.ack_policy == AckPolicy.EXPLICIT:
+            return
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        await self.js.delete_consumer(stream, lane.durable)
+        await self.js.add_consumer(stream, self._consumer_config(lane, start_sequence=floor + 1))
+        log.warning(
+            "consumer.reconciled",
+            action="consumer.ensure",
+            consumer=lane.durable,
+            had_filter=config.filter_subject,
+            had_ack_policy=str(config.ack_policy),
+            from_sequence=floor + 1,
+        )
+
+    async def consumer_info(self, lane: Lane) -> ConsumerInfo:
+        info: ConsumerInfo = await self.js.consumer_info(self.settings.events_stream, lane.durable)
+        return info
 
     async def take_over(self, lane: Lane) -> None:
         """Make the lane's consumer deliver in stream order from its ack floor.

@@ -36,6 +36,7 @@ class Settings:
     # own value wins.
     partitions: int = 8
     stream_replicas: int = 1
+    shutdown_grace_seconds: int = 20
 
     @property
     def stream_token(self) -> str:
@@ -120,4 +121,5 @@ class Settings:
             log_format=log_format,
             partitions=positive_int("HUB_PARTITIONS", 8, maximum=64),
             stream_replicas=positive_int("HUB_STREAM_REPLICAS", 1, maximum=5),
+            shutdown_grace_seconds=positive_int("HUB_SHUTDOWN_GRACE_SECONDS", 20),
         )

@@ -53,3 +53,13 @@ SWEEP_BATCH = 5_000
 
 # Resolve command: database connections serving it per worker.
 COMMAND_POOL_SIZE = 4
+
+# Operations: how often consumer info and the outbox backlog are sampled for
+# /metrics, and how old the last consumer answer may be before /readyz says
+# not ready, seconds; the time /readyz gives PostgreSQL to answer, seconds.
+METRICS_SAMPLE_SECONDS = 2.0
+CONSUMER_STALE_SECONDS = 15.0
+READINESS_QUERY_SECONDS = 1.0
+# Consecutive fetch failures after which a lane recreates its stream,
+# consumer and subscription as needed.
+REPAIR_AFTER_FAILURES = 5

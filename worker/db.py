@@ -396,7 +396,7 @@ async def delete_outbox(conn: Connection, ids: list[int]) -> None:
         await conn.execute(queries().delete_outbox, ids)
 
 
-async def outbox_backlog(conn: Connection) -> tuple[int, datetime | None]:
+async def outbox_backlog(conn: Connection | Pool) -> tuple[int, datetime | None]:
     row = await conn.fetchrow(queries().outbox_backlog)
     assert row is not None
     return int(row["rows"]), row["oldest"]

@@ -26,10 +26,11 @@ from worker import db, outbound
 from worker.bus import NATS_ERRORS
 from worker.constants import HANDLER_ATTEMPTS, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS
 from worker.db import Connection
-from worker.domain import DeadLetterError, DeadLetterReason, retry_delay
+from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason, retry_delay
 from worker.effects import apply_event
 from worker.intake import Intake, decode
-from worker.subjects import as_published
+from worker.metrics import Metrics
+from worker.subjects import Route, as_published
 
 log = structlog.get_logger("worker.handler")
 
@@ -45,8 +46,9 @@ class Handled:
 
 
 class MessageHandler:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, metrics: Metrics) -> None:
         self.prefix = prefix
+        self.metrics = metrics
 
     async def handle(self, conn: Connection, msg: Msg) -> Handled:
         started = time.perf_counter()
@@ -57,6 +59,9 @@ class MessageHandler:
             subject=subject, stream_seq=meta.sequence.stream, deliveries=meta.num_delivered
         )
         event_id: UUID | None = None
+        kind = _kind_of(subject)
+        if meta.num_delivered > 1:
+            self.metrics.redeliveries.inc()
         try:
             try:
                 intake = _decode(self.prefix, subject, msg.data)
@@ -68,6 +73,7 @@ class MessageHandler:
             except DeadLetterError as rejected:
                 handled = await self._dead_letter(conn, msg, subject, rejected, event_id)
         except LaneLost:
+            self.metrics.events.labels(kind, "requeued").inc()
             log.warning(
                 "event",
                 action="event.handled",
@@ -76,6 +82,10 @@ class MessageHandler:
             )
             raise
         await self._settle(msg, handled)
+        self.metrics.events.labels(kind, handled.outcome).inc()
+        self.metrics.handling_seconds.observe(time.perf_counter() - started)
+        if handled.reason:
+            self.metrics.dead_letters.labels(handled.reason).inc()
         fields = {"reason": handled.reason} if handled.reason else {}
         log.info(
             "event",
@@ -116,6 +126,7 @@ class MessageHandler:
                     error=f"{type(err).__name__}: {err}",
                     retry_in=delay,
                 )
+                self.metrics.events.labels(_kind_of(intake.route), "retried").inc()
                 await _quietly(msg.in_progress())
                 await asyncio.sleep(delay)
 
@@ -179,6 +190,16 @@ async def _quietly(action: Awaitable[None]) -> None:
         await action
     except NATS_ERRORS as err:
         log.warning("nats.ack_failed", action="event.settle", error=str(err) or type(err).__name__)
+
+
+def _kind_of(subject_or_route: str | Route) -> str:
+    """The metric label of an event: its lifecycle, `signal`, or `unknown`."""
+    if isinstance(subject_or_route, Route):
+        return "signal" if subject_or_route.signal_kind else str(subject_or_route.lifecycle)
+    tokens = subject_or_route.split(".")
+    if len(tokens) >= 2 and tokens[-2] == "signal":
+        return "signal"
+    return tokens[-1] if tokens[-1] in LIFECYCLES else "unknown"
 
 
 def _decode(prefix: str, subject: str, body: bytes) -> Intake:

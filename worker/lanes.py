@@ -26,7 +26,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus, Lane
+from worker.bus import NATS_ERRORS, Bus, Lane, PullSubscription
 from worker.constants import (
     FETCH_BATCH,
     FETCH_WAIT_SECONDS,
@@ -34,11 +34,13 @@ from worker.constants import (
     MEMBER_SLOTS,
     RECONNECT_BASE_SECONDS,
     RECONNECT_MAX_SECONDS,
+    REPAIR_AFTER_FAILURES,
 )
 from worker.domain import retry_delay
 from worker.handler import LaneLost, MessageHandler
 from worker.leadership import close_quietly, pause
 from worker.locks import MEMBER_KEY_BASE
+from worker.metrics import Metrics
 
 log = structlog.get_logger("worker.lanes")
 
@@ -64,6 +66,7 @@ class LaneManager:
         handler: MessageHandler,
         lock_namespace: int,
         lanes: list[Lane],
+        metrics: Metrics,
     ) -> None:
         self.dsn = dsn
         self.bus = bus
@@ -71,6 +74,7 @@ class LaneManager:
         self.namespace = lock_namespace
         self.lanes = {lane.key: lane for lane in lanes}
         self.owned: dict[int, _Owned] = {}
+        self.metrics = metrics
         self.handled = 0
 
     def __repr__(self) -> str:
@@ -148,6 +152,17 @@ class LaneManager:
             owned.task = asyncio.create_task(self._run_lane(owned), name=self.lanes[key].durable)
             self.owned[key] = owned
 
+    async def _repair(self, lane: Lane, subscription: PullSubscription) -> PullSubscription:
+        try:
+            repaired = await _rebind(self.bus, lane, subscription)
+        except NATS_ERRORS as err:
+            log.warning(
+                "lane.repair_failed", action="lane.repair", lane=lane.durable, error=str(err)
+            )
+            return subscription
+        log.info("lane.repaired", action="lane.repair", lane=lane.durable)
+        return repaired
+
     def _reap(self) -> None:
         for key, owned in list(self.owned.items()):
             if owned.task is not None and owned.task.done():
@@ -170,10 +185,6 @@ class LaneManager:
             while not owned.release.is_set():
                 try:
                     batch = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
-                except nats.js.errors.NotFoundError:
-                    # The consumer was deleted under us: recreate it and go on.
-                    await self.bus.ensure_consumer(lane)
-                    continue
                 except TimeoutError:
                     continue
                 except NATS_ERRORS as err:
@@ -183,12 +194,22 @@ class LaneManager:
                         "lane.fetch_failed",
                         action="lane.fetch",
                         lane=lane.durable,
-                        error=str(err),
+                        error=str(err) or type(err).__name__,
+                        failures=failures,
                         retry_in=delay,
                     )
                     await pause(owned.release, delay)
+                    if (
+                        isinstance(err, nats.js.errors.NotFoundError)
+                        or failures >= REPAIR_AFTER_FAILURES
+                    ):
+                        # The consumer (or the stream) was deleted under us, or
+                        # fetching keeps failing: recreate what is missing and
+                        # bind afresh.
+                        subscription = await self._repair(lane, subscription)
                     continue
                 failures = 0
+                self.metrics.batch_size.observe(len(batch))
                 for position, msg in enumerate(batch):
                     if owned.release.is_set():
                         await _give_back(batch[position:])
@@ -210,6 +231,14 @@ class LaneManager:
                     await db.unlock(conn, self.namespace, lane.key)
             await close_quietly(conn)
             log.info("lane.released", action="lane.release", lane=lane.durable)
+
+
+async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscription:
+    with contextlib.suppress(*NATS_ERRORS):
+        await old.unsubscribe()
+    await bus.ensure_streams()
+    await bus.ensure_consumer(lane)
+    return await bus.pull(lane)
 
 
 async def _give_back(batch: list[Msg]) -> None:

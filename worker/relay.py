@@ -12,6 +12,7 @@ duplicate window drops.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 
@@ -19,6 +20,7 @@ from worker import db
 from worker.bus import NATS_ERRORS, Bus
 from worker.constants import RECONNECT_MAX_SECONDS, RELAY_BATCH, RELAY_POLL_SECONDS
 from worker.leadership import pause
+from worker.metrics import Metrics
 
 log = structlog.get_logger("worker.relay")
 
@@ -26,8 +28,10 @@ NOTIFY_CHANNEL = "hub_worker_outbox"
 
 
 class OutboxRelay:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, prefix: str, metrics: Metrics) -> None:
         self.bus = bus
+        self.prefix = prefix
+        self.metrics = metrics
         self.published = 0
 
     def __repr__(self) -> str:
@@ -61,6 +65,11 @@ class OutboxRelay:
             if not conn.is_closed():
                 await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
 
+    def _type_of(self, subject: str) -> str:
+        """`detection.opened`, `mapping.completed`, `deadletter`... from an outbound subject."""
+        tokens = subject[len(self.prefix) + 1 :].split(".")
+        return tokens[0] if tokens[0] == "deadletter" else ".".join(tokens[:2])
+
     async def drain(self, conn: db.Connection) -> bool:
         """Publish pending rows until none is left; False if NATS refused one."""
         while True:
@@ -70,7 +79,10 @@ class OutboxRelay:
             done: list[int] = []
             try:
                 for row in pending:
+                    started = time.perf_counter()
                     await self.bus.publish(row.subject, row.payload, str(row.event_id))
+                    self.metrics.publish_seconds.observe(time.perf_counter() - started)
+                    self.metrics.published.labels(self._type_of(row.subject)).inc()
                     done.append(row.id)
             except NATS_ERRORS as err:
                 log.warning(

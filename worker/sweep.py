@@ -12,6 +12,7 @@ from worker.bus import NATS_ERRORS, Bus, Lane
 from worker.constants import SWEEP_BATCH, SWEEP_TICK_MAX_SECONDS, SWEEP_TICK_MIN_SECONDS
 from worker.domain import SESSION_STALL, Severity, dedup_key
 from worker.leadership import pause
+from worker.metrics import Metrics
 
 log = structlog.get_logger("worker.sweep")
 
@@ -35,6 +36,7 @@ class StallSweep:
         lanes: list[Lane],
         stall_after_seconds: float,
         interval_seconds: float,
+        metrics: Metrics,
     ) -> None:
         self.prefix = prefix
         self.bus = bus
@@ -42,6 +44,7 @@ class StallSweep:
         self.stall_after_seconds = stall_after_seconds
         self.interval_seconds = interval_seconds
         self.runs = 0
+        self.metrics = metrics
 
     def __repr__(self) -> str:
         return f"<StallSweep runs={self.runs}>"
@@ -52,6 +55,7 @@ class StallSweep:
             run = await db.claim_schedule(conn, SCHEDULE, self.interval_seconds)
             if run is not None:
                 self.runs += 1
+                self.metrics.sweeps.inc()
                 await self.sweep(conn, run)
             await pause(stopping, tick)
 

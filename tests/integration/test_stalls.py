@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import Hub, wait_until
 from worker.bus import Bus, lanes
+from worker.metrics import Metrics
 from worker.sweep import StallSweep
 
 pytestmark = pytest.mark.integration
@@ -121,7 +122,7 @@ async def test_no_stall_is_opened_while_the_inbound_backlog_is_older_than_the_th
             json.dumps(hub.event("sp1", "old")).encode(),
         )
         await asyncio.sleep(STALL_AFTER + 0.5)
-        sweep = StallSweep(hub.prefix, bus, hub_lanes, STALL_AFTER, INTERVAL)
+        sweep = StallSweep(hub.prefix, bus, hub_lanes, STALL_AFTER, INTERVAL, Metrics())
         assert await bus.backlog_age(hub_lanes) > STALL_AFTER
         assert await sweep.sweep(hub.db, run=1) == []
         assert await hub.value("SELECT count(*) FROM detections") == 0

@@ -1,0 +1,93 @@
+"""Prometheus metrics of one worker process (exposed on /metrics).
+
+Each Worker owns its registry, so several workers in one process (the tests)
+do not share counters. Units are in the names, as Prometheus expects.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Handling latency of one inbound message, seconds.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter(
+            "hub_worker_events",
+            "Inbound messages handled, by event kind and outcome "
+            "(applied, duplicate, ignored, conflict, late, dead_lettered, requeued, retried).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.handling_seconds = Histogram(
+            "hub_worker_event_handling_seconds",
+            "Time from taking an inbound message to settling it (ack or term), seconds.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "hub_worker_fetch_batch_size_messages",
+            "Messages returned by one pull fetch.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.redeliveries = Counter(
+            "hub_worker_redeliveries",
+            "Inbound messages received more than once from JetStream.",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "hub_worker_dead_letters", "Messages dead-lettered, by reason.", ["reason"], registry=r
+        )
+        self.consumer_pending = Gauge(
+            "hub_worker_consumer_pending_messages",
+            "Messages not yet delivered, per lane consumer (from consumer info).",
+            ["consumer"],
+            registry=r,
+        )
+        self.consumer_ack_pending = Gauge(
+            "hub_worker_consumer_ack_pending_messages",
+            "Messages delivered but not yet acked, per lane consumer (from consumer info).",
+            ["consumer"],
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "hub_worker_outbox_backlog_rows", "Outbound events not yet published.", registry=r
+        )
+        self.outbox_oldest_age = Gauge(
+            "hub_worker_outbox_oldest_age_seconds",
+            "Age of the oldest outbound event not yet published, seconds (0 when none).",
+            registry=r,
+        )
+        self.publish_seconds = Histogram(
+            "hub_worker_outbox_publish_seconds",
+            "Time for JetStream to acknowledge one outbound event, seconds.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.published = Counter(
+            "hub_worker_outbound_published",
+            "Outbound events published by this worker's relay, by type.",
+            ["type"],
+            registry=r,
+        )
+        self.sweeps = Counter(
+            "hub_worker_stall_sweeps", "Stall sweeps run by this worker.", registry=r
+        )
+        self.lanes_owned = Gauge(
+            "hub_worker_lanes_owned", "Inbound lanes this worker owns right now.", registry=r
+        )
+        self.db_connections = Gauge(
+            "hub_worker_db_connections_in_use",
+            "PostgreSQL connections in use, by role (lanes, commands).",
+            ["role"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
