@@ -72,7 +72,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("id", metavar="ID", help="the account id, as given to `resolvedBy`")
     add.add_argument("--name", help="a display name")
     account_commands.add_parser("list", help="list the accounts")
+    schemas_parser = commands.add_parser(
+        "schemas",
+        help="write or check the JSON Schemas and AsyncAPI document of the messages",
+        description="The language-neutral message contract, generated from the pydantic models.",
+        epilog="examples:\n  hub-worker schemas export            # into ./schemas\n"
+        "  hub-worker schemas check schemas/     # exit 1 when they drifted from the models",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    schemas_parser.add_argument("action", choices=("export", "check"))
+    schemas_parser.add_argument("directory", nargs="?", default="schemas", help="default: ./schemas")
     args = parser.parse_args(argv)
+
+    if args.command == "schemas":
+        # Needs no settings and no servers.
+        from worker import schemas
+
+        return schemas.main([args.action, args.directory])
 
     try:
         settings = Settings.from_env()

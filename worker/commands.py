@@ -65,7 +65,7 @@ class ResolveCommand:
         )
         if msg.reply:
             try:
-                await msg.respond(reply.model_dump_json(exclude_none=True).encode())
+                await msg.respond(reply.model_dump_json(exclude_unset=True).encode())
             except NATS_ERRORS as err:
                 log.warning("command.reply_failed", action="command.resolve", error=str(err))
 

@@ -7,15 +7,46 @@ string, a timestamp needs its offset.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 from worker.domain import Resolution, SessionStatus, Severity
 
+_UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+# RFC 3339 date-time: seconds required, "T" (or "t"), a "Z" or a "+hh:mm" offset.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+# These parse the text themselves: after a before-validator, strict mode
+# would refuse a string where the type wants a UUID or a datetime.
+
+
+def _canonical_uuid(value: object) -> object:
+    """Only the 8-4-4-4-12 spelling: it is also the Nats-Msg-Id, compared byte for byte."""
+    if not isinstance(value, str):
+        return value
+    if not _UUID_TEXT.fullmatch(value):
+        raise ValueError("must be a UUID in its 8-4-4-4-12 hexadecimal form")
+    return UUID(value)
+
+
+def _rfc3339(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    if not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 timestamp with seconds and an offset")
+    return datetime.fromisoformat(value.upper())
+
+
+EventId = Annotated[UUID, BeforeValidator(_canonical_uuid)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 Reference = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 TaskName = Annotated[str, StringConstraints(max_length=256)]
@@ -34,8 +65,8 @@ class _Inbound(BaseModel):
         frozen=True,
     )
 
-    event_id: UUID
-    occurred_at: AwareDatetime
+    event_id: EventId
+    occurred_at: Timestamp
     spoke_id: Identifier
     session_id: Identifier
     metadata: dict[str, Any] | None = None
@@ -86,9 +117,9 @@ class DetectionState(_Outbound):
     details: dict[str, Any] | None
     dedup_key: str
     occurrence_count: int
-    created_at: datetime
-    updated_at: datetime
-    resolved_at: datetime | None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    resolved_at: AwareDatetime | None
     resolved_by: str | None
     resolution: Resolution | None
 
@@ -102,13 +133,13 @@ class MappingState(_Outbound):
     task_id: str | None
     task: str | None
     status: SessionStatus
-    created_at: datetime
-    updated_at: datetime
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
 
 
 class _Envelope(_Outbound):
     event_id: UUID
-    occurred_at: datetime
+    occurred_at: AwareDatetime
     causation_id: UUID | None
 
 

@@ -364,3 +364,37 @@ def test_body_ids_that_differ_from_the_subject_are_subject_mismatch(
 ) -> None:
     body = encode(document(tail, **overrides))
     assert rejection(subject(tail), body).reason is DeadLetterReason.SUBJECT_MISMATCH
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        "0b4c0d3e57a44f449a570f0e0d0c0b0a",
+        "{0b4c0d3e-57a4-4f44-9a57-0f0e0d0c0b0a}",
+        "urn:uuid:0b4c0d3e-57a4-4f44-9a57-0f0e0d0c0b0a",
+    ],
+)
+def test_event_id_must_be_the_canonical_uuid_spelling(event_id: str) -> None:
+    """The eventId doubles as Nats-Msg-Id, which JetStream compares byte for byte."""
+    err = rejection(subject("started"), encode(document(eventId=event_id)))
+    assert err.reason is DeadLetterReason.INVALID_EVENT
+    assert "eventId" in err.error
+
+
+@pytest.mark.parametrize(
+    "occurred_at",
+    ["1700000000", "2026-11-27T10:15+00:00", "2026-11-27T10:15:00+0000", "2026-11-27 10:15:00Z"],
+)
+def test_occurred_at_must_be_rfc3339(occurred_at: str) -> None:
+    err = rejection(subject("started"), encode(document(occurredAt=occurred_at)))
+    assert err.reason is DeadLetterReason.INVALID_EVENT
+    assert "occurredAt" in err.error
+
+
+@pytest.mark.parametrize(
+    "occurred_at",
+    ["2026-11-27T10:15:00Z", "2026-11-27t10:15:00.123456z", "2026-11-27T10:15:00-05:30"],
+)
+def test_rfc3339_timestamps_are_accepted(occurred_at: str) -> None:
+    intake = decode(PREFIX, subject("started"), encode(document(occurredAt=occurred_at)))
+    assert intake.event.occurred_at.tzinfo is not None
