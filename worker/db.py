@@ -106,6 +106,11 @@ class Queries:
     create_migrations_table: str
     applied_migrations: str
     record_migration: str
+    # operations.sql
+    list_detections: str
+    list_dead_letters: str
+    dead_letters_by_id: str
+    mark_dead_letter_replayed: str
 
     @classmethod
     def load(cls, directory: Path) -> Queries:
@@ -538,3 +543,68 @@ async def list_accounts(conn: Connection) -> list[Account]:
         Account(r["id"], r["name"], r["created_at"])
         for r in await conn.fetch(queries().list_accounts)
     ]
+
+
+# --- operator commands (worker/cli_ops.py) ------------------------------------
+
+
+async def list_detections(
+    conn: Connection, *, include_resolved: bool, session_id: str | None, limit: int
+) -> list[DetectionState]:
+    """Active detections, highest severity first; with include_resolved, the latest changed."""
+    rows = await conn.fetch(queries().list_detections, include_resolved, session_id, limit)
+    return [DetectionState.model_validate(dict(r)) for r in rows]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A stored dead letter, with the replays `hub-worker deadletters replay` made of it."""
+
+    id: int
+    created_at: datetime
+    subject: str
+    headers: dict[str, str] | None
+    payload: bytes
+    reason: str
+    error: str
+    deliveries: int
+    replayed_at: datetime | None
+    replay_count: int
+
+
+def _dead_letter_row(row: asyncpg.Record) -> DeadLetter:
+    headers = row["headers"]
+    return DeadLetter(
+        id=int(row["id"]),
+        created_at=row["created_at"],
+        subject=row["subject"],
+        headers={str(k): str(v) for k, v in headers.items()} if headers else None,
+        payload=bytes(row["payload"]),
+        reason=row["reason"],
+        error=row["error"],
+        deliveries=int(row["deliveries"]),
+        replayed_at=row["replayed_at"],
+        replay_count=int(row["replay_count"]),
+    )
+
+
+async def list_dead_letters(
+    conn: Connection, *, reason: str | None, limit: int
+) -> list[DeadLetter]:
+    """Newest first, of one reason or all."""
+    rows = await conn.fetch(queries().list_dead_letters, reason, limit)
+    return [_dead_letter_row(r) for r in rows]
+
+
+async def dead_letters_by_id(conn: Connection, ids: list[int]) -> list[DeadLetter]:
+    """The dead letters with these ids that exist, in id order."""
+    rows = await conn.fetch(queries().dead_letters_by_id, ids)
+    return [_dead_letter_row(r) for r in rows]
+
+
+async def mark_dead_letter_replayed(
+    conn: Connection, dead_letter_id: int
+) -> tuple[datetime, int] | None:
+    """Record a replay: (replayed_at, replay_count), or None when the letter is gone."""
+    row = await conn.fetchrow(queries().mark_dead_letter_replayed, dead_letter_id)
+    return None if row is None else (row["replayed_at"], int(row["replay_count"]))
