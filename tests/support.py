@@ -127,6 +127,7 @@ class Hub:
             "HUB_STALL_AFTER_SECONDS": str(s.stall_after_seconds),
             "HUB_SWEEP_INTERVAL_SECONDS": str(s.sweep_interval_seconds),
             "HUB_PARTITIONS": str(s.partitions),
+            "HUB_BATCH_MAX": str(s.batch_max),
             "HUB_HTTP_ADDR": "",
             "HUB_LOG_FORMAT": "json",
             "HUB_DATA_DIR": str(self.tmp / "data"),

@@ -81,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     schemas_parser.add_argument("action", choices=("export", "check"))
-    schemas_parser.add_argument("directory", nargs="?", default="schemas", help="default: ./schemas")
+    schemas_parser.add_argument(
+        "directory", nargs="?", default="schemas", help="default: ./schemas"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "schemas":

@@ -10,10 +10,9 @@ HANDLER_ATTEMPTS = 5
 HANDLER_RETRY_BASE_SECONDS = 0.2
 HANDLER_RETRY_MAX_SECONDS = 5.0
 
-# Pull consumer: messages per fetch, and how long one fetch waits on the
-# server for messages, seconds. A lane handles a fetched batch in order
+# Pull consumer: how long one fetch waits on the server for messages,
+# seconds. A lane applies a fetched batch (HUB_BATCH_MAX messages at most)
 # well within ACK_WAIT_SECONDS.
-FETCH_BATCH = 100
 FETCH_WAIT_SECONDS = 1.0
 # Time the server waits for an ack before redelivering, seconds.
 ACK_WAIT_SECONDS = 30.0

@@ -28,7 +28,6 @@ from nats.aio.msg import Msg
 from worker import db
 from worker.bus import NATS_ERRORS, Bus, Lane, PullSubscription
 from worker.constants import (
-    FETCH_BATCH,
     FETCH_WAIT_SECONDS,
     LANE_CLAIM_INTERVAL_SECONDS,
     MEMBER_SLOTS,
@@ -67,6 +66,7 @@ class LaneManager:
         lock_namespace: int,
         lanes: list[Lane],
         metrics: Metrics,
+        batch_max: int,
     ) -> None:
         self.dsn = dsn
         self.bus = bus
@@ -75,6 +75,7 @@ class LaneManager:
         self.lanes = {lane.key: lane for lane in lanes}
         self.owned: dict[int, _Owned] = {}
         self.metrics = metrics
+        self.batch_max = batch_max
         self.handled = 0
 
     def __repr__(self) -> str:
@@ -184,7 +185,7 @@ class LaneManager:
             failures = 0
             while not owned.release.is_set():
                 try:
-                    batch = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
+                    batch = await subscription.fetch(self.batch_max, timeout=FETCH_WAIT_SECONDS)
                 except TimeoutError:
                     continue
                 except NATS_ERRORS as err:
@@ -210,16 +211,12 @@ class LaneManager:
                     continue
                 failures = 0
                 self.metrics.batch_size.observe(len(batch))
-                for position, msg in enumerate(batch):
-                    if owned.release.is_set():
-                        await _give_back(batch[position:])
-                        break
-                    try:
-                        await self.handler.handle(conn, msg)
-                    except LaneLost:
-                        await _give_back(batch[position:])
-                        raise
-                    self.handled += 1
+                try:
+                    await self.handler.handle_batch(conn, batch)
+                except LaneLost:
+                    await _give_back(batch)
+                    raise
+                self.handled += len(batch)
             await subscription.unsubscribe()
         except _LANE_ENDING_ERRORS as err:
             log.warning("lane.lost", action="lane.lost", lane=lane.durable, error=str(err))

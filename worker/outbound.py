@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID, uuid4
 
-from worker.db import OutboxRow
 from worker.domain import DetectionChange, Severity
 from worker.events import (
     DeadLetterEvent,
@@ -17,6 +17,15 @@ from worker.events import (
     MappingState,
 )
 from worker.subjects import deadletter_subject, detection_subject, mapping_subject
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """An outbound event ready for the outbox table."""
+
+    event_id: UUID
+    subject: str
+    payload: bytes
 
 
 def detection_changed(

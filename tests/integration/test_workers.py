@@ -83,10 +83,14 @@ async def test_two_worker_processes_split_the_work_with_exact_results(hub: Hub) 
     stream = generate(sessions=300, seed=11)
     first = hub.spawn_worker_process()
     await hub.wait_ready()
-    publisher = asyncio.create_task(publish_all(hub, stream))
-    await asyncio.sleep(1.0)
+    await publish_all(hub, stream[: len(stream) // 3])
     second = hub.spawn_worker_process()  # joins mid-stream: lanes are handed over
-    await publisher
+
+    async def second_owns_lanes() -> bool:
+        return '"event": "lane.owned"' in second.log()
+
+    await wait_until(second_owns_lanes, what="the second worker to take lanes")
+    await publish_all(hub, stream[len(stream) // 3 :])
     await hub.settle(within=90)
 
     await assert_tables_match(hub, expect(stream))
