@@ -235,7 +235,7 @@ class Hub:
             while True:
                 try:
                     batch = await sub.fetch(500, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises either its own or asyncio's
                     break
                 for msg in batch:
                     found.append(

@@ -66,6 +66,7 @@ class Queries:
     pending_outbox: str
     delete_outbox: str
     outbox_backlog: str
+    relax_durability: str
     insert_dead_letter: str
     # coordination.sql
     try_lock: str
@@ -223,6 +224,7 @@ class PendingOutbound:
     event_id: UUID
     subject: str
     payload: bytes
+    aggregate: str
 
 
 async def enqueue_outbox(conn: Connection, rows: list[OutboxRow]) -> None:
@@ -233,17 +235,25 @@ async def enqueue_outbox(conn: Connection, rows: list[OutboxRow]) -> None:
         [r.event_id for r in rows],
         [r.subject for r in rows],
         [r.payload for r in rows],
+        [r.aggregate for r in rows],
     )
 
 
 async def pending_outbox(conn: Connection, limit: int) -> list[PendingOutbound]:
     rows = await conn.fetch(queries().pending_outbox, limit)
-    return [PendingOutbound(r["id"], r["event_id"], r["subject"], r["payload"]) for r in rows]
+    return [
+        PendingOutbound(r["id"], r["event_id"], r["subject"], r["payload"], r["aggregate"])
+        for r in rows
+    ]
 
 
 async def delete_outbox(conn: Connection, ids: list[int]) -> None:
     if ids:
         await conn.execute(queries().delete_outbox, ids)
+
+
+async def relax_durability(conn: Connection) -> None:
+    await conn.execute(queries().relax_durability)
 
 
 async def outbox_backlog(conn: Connection | Pool) -> tuple[int, datetime | None]:

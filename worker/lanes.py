@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from worker import db
 from worker.bus import NATS_ERRORS, Bus, Lane, PullSubscription
 from worker.constants import (
+    FETCH_MORE_SECONDS,
     FETCH_WAIT_SECONDS,
     LANE_CLAIM_INTERVAL_SECONDS,
     MEMBER_SLOTS,
@@ -185,7 +186,7 @@ class LaneManager:
             failures = 0
             while not owned.release.is_set():
                 try:
-                    batch = await subscription.fetch(self.batch_max, timeout=FETCH_WAIT_SECONDS)
+                    batch = await _fetch(subscription, self.batch_max)
                 except TimeoutError:
                     continue
                 except NATS_ERRORS as err:
@@ -228,6 +229,23 @@ class LaneManager:
                     await db.unlock(conn, self.namespace, lane.key)
             await close_quietly(conn)
             log.info("lane.released", action="lane.release", lane=lane.durable)
+
+
+async def _fetch(subscription: PullSubscription, batch_max: int) -> list[Msg]:
+    """Wait for the next message, then take whatever else is already there.
+
+    A single fetch of `batch_max` would hold the first message back until the
+    batch is full or the fetch expires: fine for a backlog, a second of
+    latency for a trickle.
+    """
+    first = await subscription.fetch(1, timeout=FETCH_WAIT_SECONDS)
+    if batch_max == 1:
+        return first
+    try:
+        more = await subscription.fetch(batch_max - 1, timeout=FETCH_MORE_SECONDS)
+    except TimeoutError:
+        more = []
+    return first + more
 
 
 async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscription:

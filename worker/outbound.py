@@ -26,6 +26,8 @@ class OutboxRow:
     event_id: UUID
     subject: str
     payload: bytes
+    # What the event is about: events of one aggregate are published in order.
+    aggregate: str
 
 
 def detection_changed(
@@ -54,7 +56,9 @@ def detection_changed(
     else:
         body = DetectionEvent(**common, type=f"detection.{change}", detection=detection)
     subject = detection_subject(prefix, change, detection.severity, detection.anomaly_type)
-    return OutboxRow(event_id, subject, body.model_dump_json().encode())
+    return OutboxRow(
+        event_id, subject, body.model_dump_json().encode(), f"detection:{detection.id}"
+    )
 
 
 def mapping_changed(
@@ -73,7 +77,9 @@ def mapping_changed(
         }
     )
     subject = mapping_subject(prefix, mapping.status, mapping.session_id)
-    return OutboxRow(event_id, subject, body.model_dump_json().encode())
+    return OutboxRow(
+        event_id, subject, body.model_dump_json().encode(), f"mapping:{mapping.session_id}"
+    )
 
 
 def dead_lettered(
@@ -102,4 +108,9 @@ def dead_lettered(
         deliveries=deliveries,
         payload_base64=base64.b64encode(payload).decode("ascii"),
     )
-    return OutboxRow(event_id, deadletter_subject(prefix, reason), body.model_dump_json().encode())
+    return OutboxRow(
+        event_id,
+        deadletter_subject(prefix, reason),
+        body.model_dump_json().encode(),
+        f"deadletter:{dead_letter_id}",
+    )
