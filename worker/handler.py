@@ -99,7 +99,10 @@ class MessageHandler:
                 if conn.is_closed():
                     self._requeued([message], started)
                     raise LaneLost(str(err)) from err
-                if attempt >= HANDLER_ATTEMPTS:
+                delay = retry_delay(attempt, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS)
+                if attempt >= HANDLER_ATTEMPTS and message.intake is not None:
+                    # Give up applying it: dead-letter it instead (right away;
+                    # should even that fail, it is retried with the backoff).
                     message.intake = None
                     message.rejected = DeadLetterError(
                         DeadLetterReason.HANDLER_ERROR,
@@ -107,7 +110,6 @@ class MessageHandler:
                         f"{type(err).__name__}: {err}",
                     )
                     continue
-                delay = retry_delay(attempt, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS)
                 self.metrics.events.labels(message.kind, "retried").inc()
                 log.warning(
                     "event.retry",

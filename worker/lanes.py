@@ -259,7 +259,6 @@ async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscripti
 async def _give_back(batch: list[Msg]) -> None:
     """Nak fetched messages that will not be handled here, so they come back soon."""
     for msg in batch:
-        try:
+        # One already acked (a batch redone one by one) refuses; go on with the rest.
+        with contextlib.suppress(*NATS_ERRORS):
             await msg.nak()
-        except NATS_ERRORS:
-            return

@@ -29,11 +29,13 @@ SELECT id, spoke_id FROM new_session ORDER BY id
 ON CONFLICT (id) DO NOTHING;
 
 -- name: lock_sessions
--- Every change to a session, its mapping and its detections serialises on this row lock.
+-- Every change to a session, its mapping and its detections serialises on this
+-- row lock. NO KEY UPDATE: it does not block the key-share locks that foreign
+-- keys take, so a mapping naming this session as its parent does not wait.
 SELECT id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata
 FROM sessions WHERE id = ANY($1::text[])
 ORDER BY id
-FOR UPDATE;
+FOR NO KEY UPDATE;
 
 -- name: session_mappings
 SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
@@ -45,7 +47,7 @@ SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_co
        created_at, updated_at, resolved_at, resolved_by, resolution
 FROM detections WHERE session_id = ANY($1::text[]) AND resolved_at IS NULL
 ORDER BY id
-FOR UPDATE;
+FOR NO KEY UPDATE;
 
 -- name: newest_resolved_detections
 -- Per dedup key, the detection resolved last: what late news counts on.

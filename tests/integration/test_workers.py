@@ -126,6 +126,16 @@ async def test_worker_killed_mid_stream_and_restarted_loses_nothing(hub: Hub) ->
     assert survivor.terminate() == 0
 
 
+async def test_the_per_message_mode_gives_the_same_results(hub: Hub) -> None:
+    """HUB_BATCH_MAX=1: one event, one transaction, one ack at a time, through the same code."""
+    stream = generate(sessions=80, seed=17)
+    await hub.start_worker(batch_max=1)
+    await publish_all(hub, stream)
+    await hub.settle(within=90)
+    await assert_tables_match(hub, expect(stream))
+    await assert_outbound_matches_tables(hub, await hub.outbound())
+
+
 async def test_sigterm_drains_and_exits_zero(hub: Hub) -> None:
     stream = generate(sessions=100, seed=5)
     worker = hub.spawn_worker_process()
