@@ -172,7 +172,9 @@ def proc_stats(pid: int) -> tuple[float, float]:
 class Stage:
     """One mode's worker: its database, prefix and child process."""
 
-    def __init__(self, admin_dsn: str, nats_url: str, mode: str, batch_max: int) -> None:
+    def __init__(
+        self, admin_dsn: str, nats_url: str, mode: str, batch_max: int, workers: int = 1
+    ) -> None:
         self.mode = mode
         self.prefix = f"bench{uuid4().hex[:6]}"
         self.database = f"bench_{uuid4().hex[:8]}"
@@ -180,7 +182,8 @@ class Stage:
         self.dsn = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{self.database}"))
         self.nats_url = nats_url
         self.batch_max = batch_max
-        self.process: subprocess.Popen[bytes] | None = None
+        self.workers = workers
+        self.processes: list[subprocess.Popen[bytes]] = []
         self.log = Path(tempfile.mkstemp(prefix=f"bench-{mode}-", suffix=".log")[1])
 
     async def create(self) -> None:
@@ -262,8 +265,7 @@ async def drain(
         await conn.close()
         return Result(mode, len(events), elapsed, peak_rss_mb=rss, cpu_seconds=cpu)
     finally:
-        if stage.process and stage.process.poll() is None:
-            stage.process.kill()
+        stage.kill()
         await nc.close()
         await stage.drop()
 
@@ -310,8 +312,7 @@ async def offered_rate(
         p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else None
         return Result(mode, len(events), elapsed, p50, p99, rss, cpu)
     finally:
-        if stage.process and stage.process.poll() is None:
-            stage.process.kill()
+        stage.kill()
         await nc.close()
         await stage.drop()
 
@@ -347,6 +348,9 @@ async def main() -> None:
     )
     parser.add_argument("--seconds", type=int, default=20, help="length of the offered-rate run")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="also drain with this many worker processes at once"
+    )
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="hub-bench-"))
@@ -359,7 +363,13 @@ async def main() -> None:
             servers.append(embedded_nats)
         admin_dsn = os.environ.get("HUB_DATABASE_URL")
         if not admin_dsn:
-            embedded_pg = EmbeddedPostgres(scratch / "postgres", options={"max_connections": "200", **json.loads(os.environ.get("BENCH_PG_OPTIONS", "{}"))})
+            embedded_pg = EmbeddedPostgres(
+                scratch / "postgres",
+                options={
+                    "max_connections": "200",
+                    **json.loads(os.environ.get("BENCH_PG_OPTIONS", "{}")),
+                },
+            )
             admin_dsn = embedded_pg.start()
             servers.append(embedded_pg)
 
@@ -389,8 +399,9 @@ async def main() -> None:
         print(
             table(rows, "drain: a backlog published first, then applied and relayed (end to end)")
         )
-        if len(rows) == 2:
-            print(f"ratio batched / per-message: {rows[0].rate / rows[1].rate:.1f}x")
+        baseline = next((r for r in rows if r.mode == "per-message"), None)
+        if baseline is not None:
+            print(f"ratio batched / per-message: {rows[0].rate / baseline.rate:.1f}x")
 
         if args.rate:
             count = args.rate * args.seconds
