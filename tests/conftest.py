@@ -107,6 +107,8 @@ def settings() -> Settings:
         partitions=4,
         stall_after_seconds=600,
         sweep_interval_seconds=30,
+        # HUB_TEST_BATCH_MAX=1 runs the suite in the per-message mode.
+        batch_max=int(os.environ.get("HUB_TEST_BATCH_MAX", "200")),
     )
 
 

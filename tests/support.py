@@ -127,6 +127,7 @@ class Hub:
             "HUB_STALL_AFTER_SECONDS": str(s.stall_after_seconds),
             "HUB_SWEEP_INTERVAL_SECONDS": str(s.sweep_interval_seconds),
             "HUB_PARTITIONS": str(s.partitions),
+            "HUB_BATCH_MAX": str(s.batch_max),
             "HUB_HTTP_ADDR": "",
             "HUB_LOG_FORMAT": "json",
             "HUB_DATA_DIR": str(self.tmp / "data"),
@@ -234,7 +235,7 @@ class Hub:
             while True:
                 try:
                     batch = await sub.fetch(500, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises either its own or asyncio's
                     break
                 for msg in batch:
                     found.append(

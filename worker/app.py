@@ -125,6 +125,7 @@ class Worker:
             lock_namespace,
             all_lanes,
             self.metrics,
+            s.batch_max,
         )
         self.relay = OutboxRelay(bus, s.subject_prefix, self.metrics)
         self.sweep = StallSweep(

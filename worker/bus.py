@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -11,6 +12,8 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -91,6 +94,11 @@ class Bus:
         self.nc = nc
         self.js = nc.jetstream(timeout=PUBLISH_ACK_TIMEOUT_SECONDS)
         self.settings = settings
+        # Acks of publish_window, matched by the last token of their inbox.
+        self._acks: Subscription | None = None
+        self._ack_prefix = ""
+        self._ack_counter = 0
+        self._ack_futures: dict[str, asyncio.Future[None]] = {}
 
     @classmethod
     async def connect(cls, settings: Settings, urls: list[str], name: str = "hub-worker") -> Bus:
@@ -282,6 +290,70 @@ class Bus:
             timeout=PUBLISH_ACK_TIMEOUT_SECONDS,
             headers={"Nats-Msg-Id": msg_id},
         )
+
+    async def publish_window(
+        self, messages: list[tuple[str, bytes, str]]
+    ) -> list[Exception | None]:
+        """Publish (subject, payload, msg_id) in this order, then await all their acks.
+
+        The messages leave on one connection in the order given, so the stream
+        stores them in that order; each result is None (acked) or why not.
+        The acks come back on one inbox subscription of our own: nats-py's
+        publish_async yields to the event loop once per message, which on a
+        busy loop costs more than the publishing itself.
+        """
+        if self._acks is None:
+            self._ack_prefix = self.nc.new_inbox()
+            self._acks = await self.nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
+        loop = asyncio.get_running_loop()
+        waiting: list[asyncio.Future[None]] = []
+        try:
+            for subject, payload, msg_id in messages:
+                self._ack_counter += 1
+                token = str(self._ack_counter)
+                future: asyncio.Future[None] = loop.create_future()
+                self._ack_futures[token] = future
+                waiting.append(future)
+                await self.nc.publish(
+                    subject,
+                    payload,
+                    reply=f"{self._ack_prefix}.{token}",
+                    headers={"Nats-Msg-Id": msg_id},
+                )
+            unsent: Exception | None = None
+        except NATS_ERRORS as err:
+            unsent = err
+        results: list[Exception | None] = []
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=PUBLISH_ACK_TIMEOUT_SECONDS)
+            for future in waiting:
+                if future in late:
+                    future.cancel()
+                    results.append(TimeoutError("no ack from JetStream in time"))
+                else:
+                    error = future.exception()
+                    results.append(error if isinstance(error, Exception) else None)
+        for future_token in [t for t, f in self._ack_futures.items() if f.done()]:
+            del self._ack_futures[future_token]
+        results.extend(unsent for _ in range(len(messages) - len(waiting)))
+        return results
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._ack_futures.pop(msg.subject.rsplit(".", 1)[1], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            reply = json.loads(msg.data)
+        except ValueError as err:
+            future.set_exception(err)
+            return
+        if "error" in reply:
+            future.set_exception(nats.js.errors.APIError.from_error(reply["error"]))
+        else:
+            future.set_result(None)
 
     async def close(self) -> None:
         if self.nc.is_closed:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker import __version__, db, logs
+from worker import __version__, cli_ops, db, logs
 from worker.app import Worker, migrate
 from worker.config import ConfigError, Settings
 from worker.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres, free_port
@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     schemas_parser.add_argument(
         "directory", nargs="?", default="schemas", help="default: ./schemas"
     )
+    cli_ops.register(commands)
     args = parser.parse_args(argv)
 
     if args.command == "schemas":
@@ -99,8 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     logs.configure(settings.log_format)
 
+    if args.command in cli_ops.COMMANDS and args.command not in cli_ops.DATABASE_COMMANDS:
+        # NATS-only commands talk to the configured NATS, or to the one
+        # `hub-worker run` embeds on its preferred port; they start nothing.
+        nats_urls = list(settings.nats_urls or [f"nats://127.0.0.1:{EMBEDDED_NATS_PORT}"])
+        return _operate(args, settings, Endpoints(settings.database_url or "", nats_urls))
     try:
         with servers(settings, need_nats=args.command == "run") as endpoints:
+            if args.command in cli_ops.COMMANDS:
+                return _operate(args, settings, endpoints)
             if args.command == "migrate":
                 asyncio.run(migrate(endpoints.database_url))
                 return EXIT_OK
@@ -161,6 +169,13 @@ def _port_or_free(preferred: int) -> int:
         except OSError:
             return free_port()
     return preferred
+
+
+def _operate(args: argparse.Namespace, settings: Settings, endpoints: Endpoints) -> int:
+    try:
+        return asyncio.run(cli_ops.dispatch(args, settings, endpoints))
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 async def _accounts(database_url: str, args: argparse.Namespace) -> int:

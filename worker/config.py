@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from worker.constants import MAX_ACK_PENDING
+
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _HOST_PORT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
 
@@ -37,6 +39,9 @@ class Settings:
     partitions: int = 8
     stream_replicas: int = 1
     shutdown_grace_seconds: int = 20
+    # Most inbound messages applied in one transaction; 1 is the per-message
+    # mode (one event, one transaction, one ack at a time).
+    batch_max: int = 200
 
     @property
     def stream_token(self) -> str:
@@ -122,4 +127,5 @@ class Settings:
             partitions=positive_int("HUB_PARTITIONS", 8, maximum=64),
             stream_replicas=positive_int("HUB_STREAM_REPLICAS", 1, maximum=5),
             shutdown_grace_seconds=positive_int("HUB_SHUTDOWN_GRACE_SECONDS", 20),
+            batch_max=positive_int("HUB_BATCH_MAX", 200, maximum=MAX_ACK_PENDING),
         )

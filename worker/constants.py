@@ -10,11 +10,13 @@ HANDLER_ATTEMPTS = 5
 HANDLER_RETRY_BASE_SECONDS = 0.2
 HANDLER_RETRY_MAX_SECONDS = 5.0
 
-# Pull consumer: messages per fetch, and how long one fetch waits on the
-# server for messages, seconds. A lane handles a fetched batch in order
+# Pull consumer: how long one fetch waits on the server for messages,
+# seconds. A lane applies a fetched batch (HUB_BATCH_MAX messages at most)
 # well within ACK_WAIT_SECONDS.
-FETCH_BATCH = 100
 FETCH_WAIT_SECONDS = 1.0
+# Once a message arrived, how long to wait for more to fill the batch, seconds:
+# the latency a trickle pays for batching.
+FETCH_MORE_SECONDS = 0.005
 # Time the server waits for an ack before redelivering, seconds.
 ACK_WAIT_SECONDS = 30.0
 # Unacked messages one consumer may have out at once.
@@ -27,7 +29,9 @@ MEMBER_SLOTS = 256
 
 # Outbox relay: rows per read, the polling fallback when no NOTIFY arrives,
 # and how long a JetStream publish may wait for its ack, seconds.
-RELAY_BATCH = 500
+RELAY_BATCH = 1000
+# Most outbound events sent before their acks are awaited.
+RELAY_WINDOW = 500
 RELAY_POLL_SECONDS = 1.0
 PUBLISH_ACK_TIMEOUT_SECONDS = 5.0
 # How often a worker that is not the relay leader tries to become it, seconds.

@@ -20,8 +20,10 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from worker.batch import DetectionRow, MappingRow, Plan, SessionRow, Snapshot
 from worker.domain import Severity
-from worker.events import DetectionState, MappingState
+from worker.events import DetectionState
+from worker.outbound import OutboxRow
 
 log = structlog.get_logger("worker.db")
 
@@ -59,31 +61,12 @@ def sql_dir() -> Path:
 class Queries:
     """Every named query the worker runs; loading fails fast on a missing or unknown name."""
 
-    # ingest.sql
-    claim_event: str
-    ensure_spoke: str
-    ensure_session: str
-    lock_session: str
-    claim_session: str
-    record_activity: str
-    end_session: str
-    archive_session: str
-    ensure_workspace: str
-    ensure_task: str
-    ensure_parent_session: str
-    insert_mapping: str
-    end_mapping: str
-    # detections.sql
-    active_detection: str
-    newest_resolved_detection: str
-    upsert_signal: str
-    add_late_occurrence: str
-    auto_resolve_session_detections: str
     # outbox.sql
     enqueue_outbox: str
     pending_outbox: str
     delete_outbox: str
     outbox_backlog: str
+    relax_durability: str
     insert_dead_letter: str
     # coordination.sql
     try_lock: str
@@ -100,6 +83,23 @@ class Queries:
     resolve_detection: str
     upsert_account: str
     list_accounts: str
+    # batch.sql
+    transaction_now: str
+    applied_events: str
+    create_new_sessions: str
+    lock_sessions: str
+    session_mappings: str
+    active_detections_of_sessions: str
+    newest_resolved_detections: str
+    record_events: str
+    ensure_spokes: str
+    ensure_workspaces: str
+    ensure_tasks: str
+    ensure_parent_sessions: str
+    upsert_sessions: str
+    upsert_mappings: str
+    update_detections: str
+    insert_detections: str
     # migrations.sql
     lock_migrations: str
     unlock_migrations: str
@@ -220,156 +220,7 @@ async def migrate(conn: Connection) -> list[str]:
         await conn.execute(q.unlock_migrations, *_MIGRATION_LOCK)
 
 
-# --- sessions and mappings -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SessionRow:
-    spoke_id: str | None
-    status: str
-    archived_at: datetime | None
-
-
-async def claim_event(conn: Connection, event_id: UUID) -> bool:
-    """True the first time an eventId is seen; the ledger row commits with the effects."""
-    return await conn.fetchval(queries().claim_event, event_id) is not None
-
-
-async def lock_session(conn: Connection, session_id: str, spoke_id: str) -> SessionRow:
-    """Create the session if it is new and lock its row for the rest of the transaction."""
-    q = queries()
-    await conn.execute(q.ensure_spoke, spoke_id)
-    await conn.execute(q.ensure_session, session_id, spoke_id)
-    row = await conn.fetchrow(q.lock_session, session_id)
-    assert row is not None
-    return SessionRow(row["spoke_id"], row["status"], row["archived_at"])
-
-
-async def claim_session(conn: Connection, session_id: str, spoke_id: str) -> None:
-    await conn.execute(queries().claim_session, session_id, spoke_id)
-
-
-async def record_activity(
-    conn: Connection, session_id: str, occurred_at: datetime, metadata: dict[str, Any] | None
-) -> None:
-    await conn.execute(queries().record_activity, session_id, occurred_at, metadata)
-
-
-async def end_session(
-    conn: Connection, session_id: str, status: str, occurred_at: datetime
-) -> bool:
-    """active -> status; False when the session was already terminal."""
-    return await conn.fetchval(queries().end_session, session_id, status, occurred_at) is not None
-
-
-async def archive_session(conn: Connection, session_id: str, occurred_at: datetime) -> None:
-    await conn.execute(queries().archive_session, session_id, occurred_at)
-
-
-async def insert_mapping(
-    conn: Connection,
-    *,
-    mapping_id: str,
-    session_id: str,
-    spoke_id: str,
-    workspace_id: str | None,
-    parent_session_id: str | None,
-    task_id: str | None,
-    task: str | None,
-    status: str,
-    metadata: dict[str, Any] | None,
-) -> MappingState | None:
-    """Create the session's mapping (and the rows it references); None if it exists."""
-    q = queries()
-    if workspace_id is not None:
-        await conn.execute(q.ensure_workspace, workspace_id)
-    if task_id is not None:
-        await conn.execute(q.ensure_task, task_id)
-    if parent_session_id is not None:
-        await conn.execute(q.ensure_parent_session, parent_session_id)
-    row = await conn.fetchrow(
-        q.insert_mapping,
-        mapping_id,
-        session_id,
-        spoke_id,
-        workspace_id,
-        parent_session_id,
-        task_id,
-        task,
-        status,
-        metadata,
-    )
-    return None if row is None else MappingState.model_validate(dict(row))
-
-
-async def end_mapping(conn: Connection, session_id: str, status: str) -> MappingState | None:
-    row = await conn.fetchrow(queries().end_mapping, session_id, status)
-    return None if row is None else MappingState.model_validate(dict(row))
-
-
-# --- detections ------------------------------------------------------------
-
-
-async def active_severity(conn: Connection, dedup_key: str) -> Severity | None:
-    """Severity of the active detection of a key, locking it; None when none is active."""
-    row = await conn.fetchrow(queries().active_detection, dedup_key)
-    return None if row is None else row["severity"]
-
-
-async def newest_resolved(conn: Connection, dedup_key: str) -> tuple[str, datetime] | None:
-    row = await conn.fetchrow(queries().newest_resolved_detection, dedup_key)
-    return None if row is None else (row["id"], row["resolved_at"])
-
-
-async def upsert_signal(
-    conn: Connection,
-    *,
-    detection_id: str,
-    session_id: str,
-    anomaly_type: str,
-    severity: Severity,
-    details: dict[str, Any] | None,
-    dedup_key: str,
-) -> DetectionState:
-    row = await conn.fetchrow(
-        queries().upsert_signal,
-        detection_id,
-        session_id,
-        anomaly_type,
-        severity,
-        details,
-        dedup_key,
-    )
-    return _detection(row)
-
-
-async def add_late_occurrence(conn: Connection, detection_id: str) -> DetectionState:
-    return _detection(await conn.fetchrow(queries().add_late_occurrence, detection_id))
-
-
-def _detection(row: asyncpg.Record | None) -> DetectionState:
-    if row is None:
-        raise LookupError("the detection to update was not returned")
-    return DetectionState.model_validate(dict(row))
-
-
-async def auto_resolve(
-    conn: Connection, session_id: str, anomaly_type: str | None = None
-) -> list[DetectionState]:
-    """Resolve a session's active detections (of one type, or all) as auto_resolved."""
-    rows = await conn.fetch(queries().auto_resolve_session_detections, session_id, anomaly_type)
-    states = [DetectionState.model_validate(dict(r)) for r in rows]
-    return sorted(states, key=lambda s: (s.created_at, s.id))
-
-
 # --- outbox and dead letters -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class OutboxRow:
-    event_id: UUID
-    subject: str
-    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -378,6 +229,7 @@ class PendingOutbound:
     event_id: UUID
     subject: str
     payload: bytes
+    aggregate: str
 
 
 async def enqueue_outbox(conn: Connection, rows: list[OutboxRow]) -> None:
@@ -388,17 +240,25 @@ async def enqueue_outbox(conn: Connection, rows: list[OutboxRow]) -> None:
         [r.event_id for r in rows],
         [r.subject for r in rows],
         [r.payload for r in rows],
+        [r.aggregate for r in rows],
     )
 
 
 async def pending_outbox(conn: Connection, limit: int) -> list[PendingOutbound]:
     rows = await conn.fetch(queries().pending_outbox, limit)
-    return [PendingOutbound(r["id"], r["event_id"], r["subject"], r["payload"]) for r in rows]
+    return [
+        PendingOutbound(r["id"], r["event_id"], r["subject"], r["payload"], r["aggregate"])
+        for r in rows
+    ]
 
 
 async def delete_outbox(conn: Connection, ids: list[int]) -> None:
     if ids:
         await conn.execute(queries().delete_outbox, ids)
+
+
+async def relax_durability(conn: Connection) -> None:
+    await conn.execute(queries().relax_durability)
 
 
 async def outbox_backlog(conn: Connection | Pool) -> tuple[int, datetime | None]:
@@ -608,3 +468,139 @@ async def mark_dead_letter_replayed(
     """Record a replay: (replayed_at, replay_count), or None when the letter is gone."""
     row = await conn.fetchrow(queries().mark_dead_letter_replayed, dead_letter_id)
     return None if row is None else (row["replayed_at"], int(row["replay_count"]))
+
+
+# --- batches of inbound events (see worker.batch and worker.effects) ----------
+
+
+def _json_text(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _session_row(r: asyncpg.Record) -> SessionRow:
+    return SessionRow(
+        r["id"],
+        r["spoke_id"],
+        r["status"],
+        r["last_activity_at"],
+        r["ended_at"],
+        r["archived_at"],
+        r["metadata"],
+    )
+
+
+async def load_snapshot(
+    conn: Connection,
+    event_ids: list[UUID],
+    first_spokes: dict[str, str],
+    signal_keys: list[str],
+) -> Snapshot:
+    """Load and lock the rows a batch of events can touch.
+
+    `first_spokes` maps each session of the batch to the spoke of its first
+    event: the owner of a session this creates.
+    """
+    q = queries()
+    now = await conn.fetchval(q.transaction_now)
+    applied = {r["event_id"] for r in await conn.fetch(q.applied_events, event_ids)}
+    session_ids = sorted(first_spokes)
+    await conn.execute(q.create_new_sessions, session_ids, [first_spokes[s] for s in session_ids])
+    sessions = {r["id"]: _session_row(r) for r in await conn.fetch(q.lock_sessions, session_ids)}
+    mappings = {
+        r["session_id"]: MappingRow(**dict(r))
+        for r in await conn.fetch(q.session_mappings, session_ids)
+    }
+    active = {
+        r["dedup_key"]: DetectionRow(**dict(r))
+        for r in await conn.fetch(q.active_detections_of_sessions, session_ids)
+    }
+    resolved = {
+        r["dedup_key"]: DetectionRow(**dict(r))
+        for r in await conn.fetch(q.newest_resolved_detections, signal_keys)
+    }
+    return Snapshot(now, applied, sessions, mappings, active, resolved)
+
+
+class LedgerConflict(Exception):
+    """Another transaction changed what the batch was planned on: redo it one by one."""
+
+
+async def write_plan(conn: Connection, plan: Plan) -> None:
+    """Write what `worker.batch.simulate` decided, set-based, in dependency order."""
+    q = queries()
+    if plan.ledger:
+        recorded = await conn.fetch(q.record_events, plan.ledger)
+        if len(recorded) != len(plan.ledger):
+            raise LedgerConflict(
+                f"{len(plan.ledger) - len(recorded)} events were applied meanwhile"
+            )
+    for query, keys in (
+        (q.ensure_spokes, plan.spokes),
+        (q.ensure_workspaces, plan.workspaces),
+        (q.ensure_tasks, plan.tasks),
+    ):
+        if keys:
+            await conn.execute(query, sorted(keys))
+    if plan.sessions:
+        rows = sorted(plan.sessions.values(), key=lambda r: r.id)
+        await conn.execute(
+            q.upsert_sessions,
+            [r.id for r in rows],
+            [r.spoke_id for r in rows],
+            [r.status for r in rows],
+            [r.last_activity_at for r in rows],
+            [r.ended_at for r in rows],
+            [r.archived_at for r in rows],
+            [_json_text(r.metadata) for r in rows],
+        )
+    if plan.parent_sessions:
+        await conn.execute(q.ensure_parent_sessions, sorted(plan.parent_sessions))
+    mappings = [*plan.new_mappings.values(), *plan.changed_mappings.values()]
+    if mappings:
+        await conn.execute(
+            q.upsert_mappings,
+            [m.id for m in mappings],
+            [m.session_id for m in mappings],
+            [m.spoke_id for m in mappings],
+            [m.workspace_id for m in mappings],
+            [m.parent_session_id for m in mappings],
+            [m.task_id for m in mappings],
+            [m.task for m in mappings],
+            [m.status for m in mappings],
+            [_json_text(m.metadata) for m in mappings],
+            [m.created_at for m in mappings],
+            [m.updated_at for m in mappings],
+        )
+    if plan.changed_detections:
+        changed = sorted(plan.changed_detections.values(), key=lambda d: d.id)
+        await conn.execute(
+            q.update_detections,
+            [d.id for d in changed],
+            [d.severity for d in changed],
+            [_json_text(d.details) for d in changed],
+            [d.occurrence_count for d in changed],
+            [d.updated_at for d in changed],
+            [d.resolved_at for d in changed],
+            [d.resolved_by for d in changed],
+            [d.resolution for d in changed],
+        )
+    if plan.new_detections:
+        new = list(plan.new_detections.values())
+        written = await conn.fetch(
+            q.insert_detections,
+            [d.id for d in new],
+            [d.session_id for d in new],
+            [d.anomaly_type for d in new],
+            [d.severity for d in new],
+            [_json_text(d.details) for d in new],
+            [d.dedup_key for d in new],
+            [d.occurrence_count for d in new],
+            [d.created_at for d in new],
+            [d.updated_at for d in new],
+            [d.resolved_at for d in new],
+            [d.resolved_by for d in new],
+            [d.resolution for d in new],
+        )
+        if any(r["merged"] for r in written):
+            raise LedgerConflict("an active detection of the batch's keys appeared meanwhile")
+    await enqueue_outbox(conn, plan.outbound)

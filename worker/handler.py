@@ -1,23 +1,24 @@
-"""One inbound message, start to finish: decode, apply in a transaction, ack.
+"""Inbound messages, start to finish: decode, apply in one transaction, settle.
 
-The ack policy, by outcome:
+A lane hands over what one fetch returned, in stream order. The ack policy:
 - applied, duplicate, ignored, conflict, late: ack after the transaction committed;
-- can never be applied (a dead-letter reason): store and announce the dead
-  letter in one transaction, then `term` so the server does not redeliver;
-- PostgreSQL unreachable: raise `LaneLost`; the lane gives the message back
-  and the next owner of the lane gets it again, in order;
-- any other failure: retry in place with backoff (not `nak`, which would let
-  later events of the same session overtake it); after HANDLER_ATTEMPTS
-  it is dead-lettered as `handler_error`.
+- can never be applied (a dead-letter reason): the dead letter is stored and
+  announced in that same transaction, then the message is `term`inated so the
+  server does not redeliver it;
+- PostgreSQL unreachable: raise `LaneLost`; the lane gives the messages back
+  and the next owner of the lane gets them again, in order;
+- any other failure: the batch is retried one message at a time, each in
+  place with backoff (not `nak`, which would let later events of the same
+  session overtake it); a message that fails HANDLER_ATTEMPTS times is
+  dead-lettered as `handler_error`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from uuid import UUID
 
 import structlog
 from nats.aio.msg import Msg
@@ -27,10 +28,10 @@ from worker.bus import NATS_ERRORS
 from worker.constants import HANDLER_ATTEMPTS, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS
 from worker.db import Connection
 from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason, retry_delay
-from worker.effects import apply_event
+from worker.effects import apply_batch
 from worker.intake import Intake, decode
 from worker.metrics import Metrics
-from worker.subjects import Route, as_published
+from worker.subjects import as_published
 
 log = structlog.get_logger("worker.handler")
 
@@ -45,175 +46,203 @@ class Handled:
     reason: str | None = None
 
 
+@dataclass
+class _Message:
+    msg: Msg
+    subject: str  # as published
+    kind: str  # metric label: lifecycle, "signal" or "unknown"
+    intake: Intake | None = None
+    rejected: DeadLetterError | None = None
+
+
 class MessageHandler:
     def __init__(self, prefix: str, metrics: Metrics) -> None:
         self.prefix = prefix
         self.metrics = metrics
 
-    async def handle(self, conn: Connection, msg: Msg) -> Handled:
+    async def handle_batch(self, conn: Connection, msgs: list[Msg]) -> list[Handled]:
+        """Handle fetched messages in order; raises LaneLost when the database is gone."""
         started = time.perf_counter()
-        subject = as_published(self.prefix, msg.subject)
-        meta = msg.metadata
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(
-            subject=subject, stream_seq=meta.sequence.stream, deliveries=meta.num_delivered
-        )
-        event_id: UUID | None = None
-        kind = _kind_of(subject)
-        if meta.num_delivered > 1:
-            self.metrics.redeliveries.inc()
+        messages = [self._decode(msg) for msg in msgs]
         try:
-            try:
-                intake = _decode(self.prefix, subject, msg.data)
-                event_id = intake.event.event_id
-                structlog.contextvars.bind_contextvars(
-                    eventId=str(event_id), sessionId=intake.event.session_id
-                )
-                handled = await self._apply(conn, msg, intake)
-            except DeadLetterError as rejected:
-                handled = await self._dead_letter(conn, msg, subject, rejected, event_id)
-        except LaneLost:
-            self.metrics.events.labels(kind, "requeued").inc()
+            outcomes = await self._commit(conn, messages)
+        except db.CONNECTION_ERRORS as err:
+            self._requeued(messages, started)
+            raise LaneLost(str(err)) from err
+        except Exception as err:
+            if conn.is_closed():
+                self._requeued(messages, started)
+                raise LaneLost(str(err)) from err
             log.warning(
-                "event",
-                action="event.handled",
-                outcome="requeued",
-                duration_ms=_ms(started),
+                "batch.retried_singly",
+                action="batch.split",
+                messages=len(messages),
+                error=f"{type(err).__name__}: {err}",
             )
-            raise
-        await self._settle(msg, handled)
-        self.metrics.events.labels(kind, handled.outcome).inc()
-        self.metrics.handling_seconds.observe(time.perf_counter() - started)
-        if handled.reason:
-            self.metrics.dead_letters.labels(handled.reason).inc()
-        fields = {"reason": handled.reason} if handled.reason else {}
-        log.info(
-            "event",
-            action="event.handled",
-            outcome=handled.outcome,
-            duration_ms=_ms(started),
-            **fields,
-        )
-        return handled
+            return [await self._handle_alone(conn, message, started) for message in messages]
+        for message, handled in zip(messages, outcomes, strict=True):
+            await self._settle(message, handled, started)
+        return outcomes
 
-    async def _apply(self, conn: Connection, msg: Msg, intake: Intake) -> Handled:
+    async def _handle_alone(self, conn: Connection, message: _Message, started: float) -> Handled:
+        """One message in its own transaction, retried in place until it gives up."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                async with conn.transaction():
-                    applied = await apply_event(conn, self.prefix, intake)
-                    await db.enqueue_outbox(conn, applied.outbound)
-                return Handled(applied.outcome)
-            except DeadLetterError:
-                raise
+                (handled,) = await self._commit(conn, [message])
+                break
             except db.CONNECTION_ERRORS as err:
+                self._requeued([message], started)
                 raise LaneLost(str(err)) from err
             except Exception as err:
                 if conn.is_closed():
+                    self._requeued([message], started)
                     raise LaneLost(str(err)) from err
-                if attempt >= HANDLER_ATTEMPTS:
-                    raise DeadLetterError(
+                delay = retry_delay(attempt, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS)
+                if attempt >= HANDLER_ATTEMPTS and message.intake is not None:
+                    # Give up applying it: dead-letter it instead (right away;
+                    # should even that fail, it is retried with the backoff).
+                    message.intake = None
+                    message.rejected = DeadLetterError(
                         DeadLetterReason.HANDLER_ERROR,
                         f"applying the event failed {attempt} times, last with "
                         f"{type(err).__name__}: {err}",
-                    ) from err
-                delay = retry_delay(attempt, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS)
+                    )
+                    continue
+                self.metrics.events.labels(message.kind, "retried").inc()
                 log.warning(
                     "event.retry",
                     action="event.retry",
+                    subject=message.subject,
                     attempt=attempt,
                     error=f"{type(err).__name__}: {err}",
                     retry_in=delay,
                 )
-                self.metrics.events.labels(_kind_of(intake.route), "retried").inc()
-                await _quietly(msg.in_progress())
+                with contextlib.suppress(*NATS_ERRORS):
+                    await message.msg.in_progress()
                 await asyncio.sleep(delay)
+        await self._settle(message, handled, started)
+        return handled
+
+    async def _commit(self, conn: Connection, messages: list[_Message]) -> list[Handled]:
+        """Apply the messages and write their dead letters, all in one transaction."""
+        intakes = [m.intake for m in messages if m.intake is not None]
+        async with conn.transaction():
+            plan = await apply_batch(conn, self.prefix, intakes) if intakes else None
+            outcomes = iter(plan.outcomes if plan else [])
+            handled: list[Handled] = []
+            for message in messages:
+                rejected = message.rejected
+                if message.intake is not None:
+                    outcome = next(outcomes)
+                    if not isinstance(outcome, DeadLetterError):
+                        handled.append(Handled(outcome))
+                        continue
+                    rejected = outcome
+                assert rejected is not None
+                await self._dead_letter(conn, message, rejected)
+                handled.append(Handled("dead_lettered", rejected.reason.value))
+        return handled
+
+    def _decode(self, msg: Msg) -> _Message:
+        subject = as_published(self.prefix, msg.subject)
+        message = _Message(msg, subject, _kind_of(subject))
+        if msg.metadata.num_delivered > 1:
+            self.metrics.redeliveries.inc()
+        try:
+            message.intake = decode(self.prefix, subject, msg.data)
+        except DeadLetterError as rejected:
+            message.rejected = rejected
+        except Exception as err:  # a surprise in decoding is a dead letter, not a dead lane
+            message.rejected = DeadLetterError(
+                DeadLetterReason.INVALID_EVENT,
+                f"the event could not be decoded: {type(err).__name__}: {err}",
+            )
+        return message
 
     async def _dead_letter(
-        self,
-        conn: Connection,
-        msg: Msg,
-        subject: str,
-        rejected: DeadLetterError,
-        event_id: UUID | None,
-    ) -> Handled:
-        meta = msg.metadata
+        self, conn: Connection, message: _Message, rejected: DeadLetterError
+    ) -> None:
+        msg, meta = message.msg, message.msg.metadata
         deliveries = meta.num_delivered
         if rejected.reason is DeadLetterReason.HANDLER_ERROR:
             deliveries = max(deliveries, HANDLER_ATTEMPTS)
-        position = f"{meta.stream}:{meta.sequence.stream}:{meta.timestamp.isoformat()}"
-        try:
-            async with conn.transaction():
-                letter = await db.insert_dead_letter(
-                    conn,
-                    subject=subject,
-                    headers=dict(msg.headers) if msg.headers else None,
-                    payload=msg.data,
+        letter = await db.insert_dead_letter(
+            conn,
+            subject=message.subject,
+            headers=dict(msg.headers) if msg.headers else None,
+            payload=msg.data,
+            reason=rejected.reason.value,
+            error=rejected.error,
+            deliveries=deliveries,
+            stream_position=f"{meta.stream}:{meta.sequence.stream}:{meta.timestamp.isoformat()}",
+        )
+        if letter is None:
+            return  # a redelivery of a message dead-lettered before
+        await db.enqueue_outbox(
+            conn,
+            [
+                outbound.dead_lettered(
+                    self.prefix,
+                    dead_letter_id=letter.id,
+                    occurred_at=letter.created_at,
+                    causation_id=message.intake.event.event_id if message.intake else None,
                     reason=rejected.reason.value,
                     error=rejected.error,
+                    subject=message.subject,
                     deliveries=deliveries,
-                    stream_position=position,
+                    payload=msg.data,
                 )
-                if letter is not None:
-                    await db.enqueue_outbox(
-                        conn,
-                        [
-                            outbound.dead_lettered(
-                                self.prefix,
-                                dead_letter_id=letter.id,
-                                occurred_at=letter.created_at,
-                                causation_id=event_id,
-                                reason=rejected.reason.value,
-                                error=rejected.error,
-                                subject=subject,
-                                deliveries=deliveries,
-                                payload=msg.data,
-                            )
-                        ],
-                    )
-        except db.CONNECTION_ERRORS as err:
-            raise LaneLost(str(err)) from err
-        return Handled("dead_lettered", rejected.reason.value)
+            ],
+        )
 
-    async def _settle(self, msg: Msg, handled: Handled) -> None:
+    async def _settle(self, message: _Message, handled: Handled, started: float) -> None:
         # An ack lost here is harmless: the message comes back and the ledger
         # (or the dead letter's stream position) recognises it.
-        if handled.outcome == "dead_lettered":
-            await _quietly(msg.term())
-        else:
-            await _quietly(msg.ack())
+        try:
+            if handled.outcome == "dead_lettered":
+                await message.msg.term()
+            else:
+                await message.msg.ack()
+        except NATS_ERRORS as err:
+            log.warning(
+                "nats.ack_failed", action="event.settle", error=str(err) or type(err).__name__
+            )
+        self.metrics.events.labels(message.kind, handled.outcome).inc()
+        self.metrics.handling_seconds.observe(time.perf_counter() - started)
+        if handled.reason:
+            self.metrics.dead_letters.labels(handled.reason).inc()
+        self._log(message, handled.outcome, started, handled.reason)
+
+    def _requeued(self, messages: list[_Message], started: float) -> None:
+        for message in messages:
+            self.metrics.events.labels(message.kind, "requeued").inc()
+            self._log(message, "requeued", started)
+
+    def _log(
+        self, message: _Message, outcome: str, started: float, reason: str | None = None
+    ) -> None:
+        """The canonical line of one message."""
+        event = message.intake.event if message.intake else None
+        meta = message.msg.metadata
+        log.info(
+            "event",
+            action="event.handled",
+            outcome=outcome,
+            subject=message.subject,
+            eventId=str(event.event_id) if event else None,
+            sessionId=event.session_id if event else None,
+            deliveries=meta.num_delivered,
+            stream_seq=meta.sequence.stream,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            **({"reason": reason} if reason else {}),
+        )
 
 
-async def _quietly(action: Awaitable[None]) -> None:
-    try:
-        await action
-    except NATS_ERRORS as err:
-        log.warning("nats.ack_failed", action="event.settle", error=str(err) or type(err).__name__)
-
-
-def _kind_of(subject_or_route: str | Route) -> str:
+def _kind_of(subject: str) -> str:
     """The metric label of an event: its lifecycle, `signal`, or `unknown`."""
-    if isinstance(subject_or_route, Route):
-        return "signal" if subject_or_route.signal_kind else str(subject_or_route.lifecycle)
-    tokens = subject_or_route.split(".")
+    tokens = subject.split(".")
     if len(tokens) >= 2 and tokens[-2] == "signal":
         return "signal"
     return tokens[-1] if tokens[-1] in LIFECYCLES else "unknown"
-
-
-def _decode(prefix: str, subject: str, body: bytes) -> Intake:
-    """`decode`, with any surprise it raises turned into a dead letter instead of a dead lane."""
-    try:
-        return decode(prefix, subject, body)
-    except DeadLetterError:
-        raise
-    except Exception as err:
-        raise DeadLetterError(
-            DeadLetterReason.INVALID_EVENT,
-            f"the event could not be decoded: {type(err).__name__}: {err}",
-        ) from err
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)

@@ -8,7 +8,9 @@ is it JSON, is it a valid event, does it say what its subject says.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -17,6 +19,8 @@ from worker.constants import MAX_EVENT_BYTES
 from worker.domain import DeadLetterError, DeadLetterReason, ended_status
 from worker.events import EndedEvent, InboundEvent, LifecycleEvent, SignalEvent, SpawnedEvent
 from worker.subjects import Route, parse_inbound
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -44,13 +48,17 @@ def decode(prefix: str, subject: str, body: bytes) -> Intake:
     # whatever they hold (spokes upgrade independently).
     known = {key: value for key, value in document.items() if key in _aliases(model)}
     try:
-        if _has_nul(known):
-            # PostgreSQL text and jsonb cannot hold U+0000; refusing it here
-            # gives a clear reason instead of five failed deliveries.
-            _reject(DeadLetterReason.INVALID_EVENT, "a string in the body contains U+0000")
-        # Strict validation of JSON text: UUIDs and timestamps are read from
-        # strings and nothing else is coerced.
-        event = model.model_validate_json(json.dumps(known))
+        if _unstorable(known):
+            # PostgreSQL text and jsonb cannot hold U+0000 or a lone UTF-16
+            # surrogate; refusing them here gives a clear reason instead of
+            # five failed deliveries.
+            _reject(
+                DeadLetterReason.INVALID_EVENT,
+                "a string in the body contains U+0000 or an unpaired surrogate",
+            )
+        # Strict: nothing is coerced (the eventId and occurredAt validators
+        # read their own text forms).
+        event = model.model_validate(known, strict=True)
     except ValidationError as err:
         _reject(DeadLetterReason.INVALID_EVENT, _describe(err))
     except (RecursionError, ValueError) as err:
@@ -78,6 +86,7 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+@cache
 def _aliases(model: type[InboundEvent]) -> frozenset[str]:
     return frozenset(field.alias or name for name, field in model.model_fields.items())
 
@@ -102,13 +111,13 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return document
 
 
-def _has_nul(value: object) -> bool:
+def _unstorable(value: object) -> bool:
     if isinstance(value, str):
-        return "\x00" in value
+        return _UNSTORABLE.search(value) is not None
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+        return any(_unstorable(k) or _unstorable(v) for k, v in value.items())
     if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
+        return any(_unstorable(v) for v in value)
     return False
 
 

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from worker import db
 from worker.bus import NATS_ERRORS, Bus, Lane, PullSubscription
 from worker.constants import (
-    FETCH_BATCH,
+    FETCH_MORE_SECONDS,
     FETCH_WAIT_SECONDS,
     LANE_CLAIM_INTERVAL_SECONDS,
     MEMBER_SLOTS,
@@ -67,6 +67,7 @@ class LaneManager:
         lock_namespace: int,
         lanes: list[Lane],
         metrics: Metrics,
+        batch_max: int,
     ) -> None:
         self.dsn = dsn
         self.bus = bus
@@ -75,6 +76,7 @@ class LaneManager:
         self.lanes = {lane.key: lane for lane in lanes}
         self.owned: dict[int, _Owned] = {}
         self.metrics = metrics
+        self.batch_max = batch_max
         self.handled = 0
 
     def __repr__(self) -> str:
@@ -184,7 +186,7 @@ class LaneManager:
             failures = 0
             while not owned.release.is_set():
                 try:
-                    batch = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
+                    batch = await _fetch(subscription, self.batch_max)
                 except TimeoutError:
                     continue
                 except NATS_ERRORS as err:
@@ -210,16 +212,12 @@ class LaneManager:
                     continue
                 failures = 0
                 self.metrics.batch_size.observe(len(batch))
-                for position, msg in enumerate(batch):
-                    if owned.release.is_set():
-                        await _give_back(batch[position:])
-                        break
-                    try:
-                        await self.handler.handle(conn, msg)
-                    except LaneLost:
-                        await _give_back(batch[position:])
-                        raise
-                    self.handled += 1
+                try:
+                    await self.handler.handle_batch(conn, batch)
+                except LaneLost:
+                    await _give_back(batch)
+                    raise
+                self.handled += len(batch)
             await subscription.unsubscribe()
         except _LANE_ENDING_ERRORS as err:
             log.warning("lane.lost", action="lane.lost", lane=lane.durable, error=str(err))
@@ -233,6 +231,23 @@ class LaneManager:
             log.info("lane.released", action="lane.release", lane=lane.durable)
 
 
+async def _fetch(subscription: PullSubscription, batch_max: int) -> list[Msg]:
+    """Wait for the next message, then take whatever else is already there.
+
+    A single fetch of `batch_max` would hold the first message back until the
+    batch is full or the fetch expires: fine for a backlog, a second of
+    latency for a trickle.
+    """
+    first = await subscription.fetch(1, timeout=FETCH_WAIT_SECONDS)
+    if batch_max == 1:
+        return first
+    try:
+        more = await subscription.fetch(batch_max - 1, timeout=FETCH_MORE_SECONDS)
+    except TimeoutError:
+        more = []
+    return first + more
+
+
 async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscription:
     with contextlib.suppress(*NATS_ERRORS):
         await old.unsubscribe()
@@ -244,7 +259,6 @@ async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscripti
 async def _give_back(batch: list[Msg]) -> None:
     """Nak fetched messages that will not be handled here, so they come back soon."""
     for msg in batch:
-        try:
+        # One already acked (a batch redone one by one) refuses; go on with the rest.
+        with contextlib.suppress(*NATS_ERRORS):
             await msg.nak()
-        except NATS_ERRORS:
-            return

@@ -1,7 +1,8 @@
 """Advisory lock ids: who leads, who owns which lane, how many workers are alive.
 
-Two-int advisory locks: the namespace is derived from the subject prefix, so
-hubs with different prefixes can share a database without sharing leaders.
+Two-int advisory locks in a namespace derived from the subject prefix. One
+database serves one hub (its tables have no prefix column); the namespace only
+keeps a hub's locks apart from other applications' advisory locks.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class Metrics:
         )
         self.publish_seconds = Histogram(
             "hub_worker_outbox_publish_seconds",
-            "Time for JetStream to acknowledge one outbound event, seconds.",
+            "Time for JetStream to acknowledge a window of outbound events, seconds.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

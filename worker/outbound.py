@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID, uuid4
 
-from worker.db import OutboxRow
 from worker.domain import DetectionChange, Severity
 from worker.events import (
     DeadLetterEvent,
@@ -17,6 +17,17 @@ from worker.events import (
     MappingState,
 )
 from worker.subjects import deadletter_subject, detection_subject, mapping_subject
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """An outbound event ready for the outbox table."""
+
+    event_id: UUID
+    subject: str
+    payload: bytes
+    # What the event is about: events of one aggregate are published in order.
+    aggregate: str
 
 
 def detection_changed(
@@ -45,7 +56,9 @@ def detection_changed(
     else:
         body = DetectionEvent(**common, type=f"detection.{change}", detection=detection)
     subject = detection_subject(prefix, change, detection.severity, detection.anomaly_type)
-    return OutboxRow(event_id, subject, body.model_dump_json().encode())
+    return OutboxRow(
+        event_id, subject, body.model_dump_json().encode(), f"detection:{detection.id}"
+    )
 
 
 def mapping_changed(
@@ -64,7 +77,9 @@ def mapping_changed(
         }
     )
     subject = mapping_subject(prefix, mapping.status, mapping.session_id)
-    return OutboxRow(event_id, subject, body.model_dump_json().encode())
+    return OutboxRow(
+        event_id, subject, body.model_dump_json().encode(), f"mapping:{mapping.session_id}"
+    )
 
 
 def dead_lettered(
@@ -93,4 +108,9 @@ def dead_lettered(
         deliveries=deliveries,
         payload_base64=base64.b64encode(payload).decode("ascii"),
     )
-    return OutboxRow(event_id, deadletter_subject(prefix, reason), body.model_dump_json().encode())
+    return OutboxRow(
+        event_id,
+        deadletter_subject(prefix, reason),
+        body.model_dump_json().encode(),
+        f"deadletter:{dead_letter_id}",
+    )

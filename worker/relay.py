@@ -1,11 +1,15 @@
 """The outbox relay: publishes committed outbound events to PU_OUT, in change order.
 
 One worker at a time relays (leadership), so no row is published by two
-workers at once and events of one detection or mapping keep their order.
-It reads rows in id order, publishes each and waits for JetStream's ack
-before the next (a later row must not land before an earlier one that
-failed), and deletes rows only after their ack. A crash between ack and
-delete republishes the row with the same Nats-Msg-Id, which the stream's
+workers at once. Rows are read in id order and published in windows: a
+`repeated` event followed by another of its detection is skipped (they may
+coalesce, contract section 5), and a window holds consecutive rows of distinct aggregates (a detection, a mapping),
+all sent at once on one connection (so they are stored in that order) with
+their acks awaited together. A row that fails is retried before anything
+after it of its aggregate is sent, because the window ends where an
+aggregate repeats: events of one detection or mapping keep their order even
+when a publish fails. Rows are deleted only after their ack; a crash between
+ack and delete republishes with the same Nats-Msg-Id, which the stream's
 duplicate window drops.
 """
 
@@ -17,8 +21,8 @@ import time
 import structlog
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus
-from worker.constants import RECONNECT_MAX_SECONDS, RELAY_BATCH, RELAY_POLL_SECONDS
+from worker.bus import Bus
+from worker.constants import RECONNECT_MAX_SECONDS, RELAY_BATCH, RELAY_POLL_SECONDS, RELAY_WINDOW
 from worker.leadership import pause
 from worker.metrics import Metrics
 
@@ -44,6 +48,9 @@ class OutboxRelay:
         def on_notify(*_: object) -> None:
             wake.set()
 
+        # Losing a delete in a crash only republishes an event with the same
+        # Nats-Msg-Id, so the relay's own commits need not wait for the disk.
+        await db.relax_durability(conn)
         await conn.add_listener(NOTIFY_CHANNEL, on_notify)
         try:
             while not stopping.is_set():
@@ -76,23 +83,73 @@ class OutboxRelay:
             pending = await db.pending_outbox(conn, RELAY_BATCH)
             if not pending:
                 return True
-            done: list[int] = []
+            superseded = _superseded(pending, self.prefix)
+            done = [r.id for r in pending if r.id in superseded]
+            refused = False
             try:
-                for row in pending:
-                    started = time.perf_counter()
-                    await self.bus.publish(row.subject, row.payload, str(row.event_id))
-                    self.metrics.publish_seconds.observe(time.perf_counter() - started)
-                    self.metrics.published.labels(self._type_of(row.subject)).inc()
-                    done.append(row.id)
-            except NATS_ERRORS as err:
+                for window in _windows([r for r in pending if r.id not in superseded]):
+                    published = await self._publish(window)
+                    done.extend(published)
+                    if len(published) < len(window):
+                        refused = True
+                        break
+            finally:
+                await db.delete_outbox(conn, done)
+                self.published += len(done) - len(superseded)
+            if refused:
+                return False
+
+    async def _publish(self, window: list[db.PendingOutbound]) -> list[int]:
+        """Send a window at once; the ids of the rows JetStream acknowledged."""
+        started = time.perf_counter()
+        results = await self.bus.publish_window(
+            [(r.subject, r.payload, str(r.event_id)) for r in window]
+        )
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        done = []
+        for row, error in zip(window, results, strict=True):
+            if error is not None:
                 log.warning(
                     "relay.publish_failed",
                     action="relay.publish",
-                    error=str(err) or type(err).__name__,
-                    published=len(done),
-                    pending=len(pending) - len(done),
+                    error=str(error) or type(error).__name__,
+                    subject=row.subject,
                 )
-                return False
-            finally:
-                await db.delete_outbox(conn, done)
-                self.published += len(done)
+                continue
+            self.metrics.published.labels(self._type_of(row.subject)).inc()
+            done.append(row.id)
+        return done
+
+
+def _superseded(rows: list[db.PendingOutbound], prefix: str) -> set[int]:
+    """`repeated` events followed, in these rows, by another `repeated` of their detection.
+
+    Contract section 5 lets repeated events coalesce (occurrenceCount is a
+    gauge): the later one carries everything the earlier one said.
+    """
+    repeated = f"{prefix}.detection.repeated."
+    dropped: set[int] = set()
+    last_repeated: dict[str, int] = {}
+    for row in rows:
+        earlier = last_repeated.pop(row.aggregate, None)
+        if row.subject.startswith(repeated):
+            if earlier is not None:
+                dropped.add(earlier)
+            last_repeated[row.aggregate] = row.id
+    return dropped
+
+
+def _windows(rows: list[db.PendingOutbound]) -> list[list[db.PendingOutbound]]:
+    """Consecutive runs of rows with distinct aggregates, at most RELAY_WINDOW long."""
+    windows: list[list[db.PendingOutbound]] = []
+    current: list[db.PendingOutbound] = []
+    aggregates: set[str] = set()
+    for row in rows:
+        if len(current) >= RELAY_WINDOW or row.aggregate in aggregates:
+            windows.append(current)
+            current, aggregates = [], set()
+        current.append(row)
+        aggregates.add(row.aggregate)
+    if current:
+        windows.append(current)
+    return windows

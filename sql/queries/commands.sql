@@ -1,7 +1,7 @@
 -- Operator commands: resolving a detection, managing accounts.
 
 -- name: lock_detection
-SELECT id, resolved_at FROM detections WHERE id = $1 FOR UPDATE;
+SELECT id, resolved_at FROM detections WHERE id = $1 FOR NO KEY UPDATE;
 
 -- name: account_exists
 SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1);

@@ -33,7 +33,7 @@ JOIN sessions s ON s.id = candidate.session_id
 WHERE s.status = 'active' AND s.archived_at IS NULL
   AND s.last_activity_at < now() - make_interval(secs => $6)
 ORDER BY s.id
-FOR UPDATE OF s
+FOR NO KEY UPDATE OF s
 ON CONFLICT (dedup_key) WHERE resolved_at IS NULL DO NOTHING
 RETURNING id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
           created_at, updated_at, resolved_at, resolved_by, resolution;

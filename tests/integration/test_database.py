@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import zipfile
@@ -12,9 +13,10 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from tests.support import ROOT, Hub, with_database
+from tests.support import ROOT, Hub, now_iso, with_database
 from worker import db
-from worker.domain import dedup_key
+from worker.effects import apply_batch
+from worker.intake import decode
 
 pytestmark = pytest.mark.integration
 
@@ -94,36 +96,27 @@ async def test_detections_have_a_partial_unique_index_on_active_dedup_key(hub: H
     await hub.db.execute(insert, "active-again", None)
 
 
-async def race_upserts(database_url: str, writers: int) -> None:
-    """`writers` transactions upsert a signal of one dedup key at the same moment.
-
-    This bypasses the lanes and the session row lock that normally serialise a
-    session's events: only the partial unique index stands between them and a
-    second active detection.
-    """
-    setup = await db.connect(database_url)
-    await setup.execute("INSERT INTO spokes (id) VALUES ('sp') ON CONFLICT DO NOTHING")
-    await setup.execute(
-        "INSERT INTO sessions (id, spoke_id) VALUES ('s', 'sp') ON CONFLICT DO NOTHING"
-    )
-    await setup.close()
+async def race_signals(database_url: str, prefix: str, writers: int) -> None:
+    """`writers` workers' transactions apply a signal of one dedup key at the same
+    moment, bypassing the lanes that normally keep a session's events apart."""
     connections = [await db.connect(database_url) for _ in range(writers)]
     try:
         start = asyncio.Event()
-        key = dedup_key("MODEL_DEGRADATION", "s", None)
 
         async def one(conn: db.Connection) -> None:
+            body = json.dumps(
+                {
+                    "eventId": str(uuid4()),
+                    "occurredAt": now_iso(),
+                    "spokeId": "sp",
+                    "sessionId": "s",
+                    "severity": "low",
+                }
+            ).encode()
+            intake = decode(prefix, f"{prefix}.spoke.sp.session.s.signal.model_degradation", body)
             await start.wait()
             async with conn.transaction():
-                await db.upsert_signal(
-                    conn,
-                    detection_id=str(uuid4()),
-                    session_id="s",
-                    anomaly_type="MODEL_DEGRADATION",
-                    severity="low",
-                    details=None,
-                    dedup_key=key,
-                )
+                await apply_batch(conn, prefix, [intake])
                 await asyncio.sleep(0.05)  # hold the transaction open: overlap them all
 
         tasks = [asyncio.create_task(one(c)) for c in connections]
@@ -135,8 +128,8 @@ async def race_upserts(database_url: str, writers: int) -> None:
             await conn.close()
 
 
-async def test_concurrent_upserts_of_one_key_never_open_two_detections(hub: Hub) -> None:
-    await race_upserts(hub.database_url, writers=12)
+async def test_concurrent_signals_of_one_key_never_open_two_detections(hub: Hub) -> None:
+    await race_signals(hub.database_url, hub.prefix, writers=12)
     rows = await hub.rows("SELECT occurrence_count, resolved_at FROM detections")
     assert rows == [{"occurrence_count": 12, "resolved_at": None}]
 
@@ -147,7 +140,7 @@ async def test_without_the_unique_index_the_race_test_fails(hub: Hub) -> None:
     await hub.db.execute("CREATE INDEX plain_dedup_key ON detections (dedup_key)")
     with pytest.raises(asyncpg.InvalidColumnReferenceError):
         # ON CONFLICT (dedup_key) WHERE resolved_at IS NULL has nothing to arbitrate on.
-        await race_upserts(hub.database_url, writers=4)
+        await race_signals(hub.database_url, hub.prefix, writers=4)
 
 
 def test_the_wheel_carries_the_sql(tmp_path: Path) -> None:

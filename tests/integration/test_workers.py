@@ -83,10 +83,14 @@ async def test_two_worker_processes_split_the_work_with_exact_results(hub: Hub) 
     stream = generate(sessions=300, seed=11)
     first = hub.spawn_worker_process()
     await hub.wait_ready()
-    publisher = asyncio.create_task(publish_all(hub, stream))
-    await asyncio.sleep(1.0)
+    await publish_all(hub, stream[: len(stream) // 3])
     second = hub.spawn_worker_process()  # joins mid-stream: lanes are handed over
-    await publisher
+
+    async def second_owns_lanes() -> bool:
+        return '"event": "lane.owned"' in second.log()
+
+    await wait_until(second_owns_lanes, what="the second worker to take lanes")
+    await publish_all(hub, stream[len(stream) // 3 :])
     await hub.settle(within=90)
 
     await assert_tables_match(hub, expect(stream))
@@ -120,6 +124,16 @@ async def test_worker_killed_mid_stream_and_restarted_loses_nothing(hub: Hub) ->
     await assert_tables_match(hub, expect(stream))
     await assert_outbound_matches_tables(hub, await hub.outbound())
     assert survivor.terminate() == 0
+
+
+async def test_the_per_message_mode_gives_the_same_results(hub: Hub) -> None:
+    """HUB_BATCH_MAX=1: one event, one transaction, one ack at a time, through the same code."""
+    stream = generate(sessions=80, seed=17)
+    await hub.start_worker(batch_max=1)
+    await publish_all(hub, stream)
+    await hub.settle(within=90)
+    await assert_tables_match(hub, expect(stream))
+    await assert_outbound_matches_tables(hub, await hub.outbound())
 
 
 async def test_sigterm_drains_and_exits_zero(hub: Hub) -> None:

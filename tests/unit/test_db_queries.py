@@ -52,10 +52,10 @@ def test_real_queries_load_with_every_block_non_empty() -> None:
 
 def test_an_unchanged_copy_loads(queries_copy: Path) -> None:
     loaded = db.Queries.load(queries_copy)
-    assert loaded.claim_event == db.queries().claim_event
+    assert loaded.record_events == db.queries().record_events
 
 
-@pytest.mark.parametrize("name", ["claim_event", "purge_ledger", "record_migration"])
+@pytest.mark.parametrize("name", ["record_events", "purge_ledger", "record_migration"])
 def test_missing_block_fails_naming_it(queries_copy: Path, name: str) -> None:
     _drop_block(queries_copy, name)
     assert name not in _names_on_disk(queries_copy)

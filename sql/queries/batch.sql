@@ -1,0 +1,153 @@
+-- Applying a batch of inbound events (worker.effects): a few statements load
+-- and lock what the batch can touch, worker.batch decides in memory, a few
+-- set-based statements write the result. All in the caller's transaction.
+-- Keys are written in sorted order so that concurrent workers lock shared rows
+-- (spokes, workspaces, tasks, parent sessions) in the same order.
+
+-- name: transaction_now
+-- The transaction's clock: every "now" of the batch, and the stall sweep's.
+SELECT now();
+
+-- name: applied_events
+SELECT event_id FROM processed_events WHERE event_id = ANY($1::uuid[]);
+
+-- name: create_new_sessions
+-- Sessions seen for the first time are created (with the spoke of their first
+-- event, which owns them, and that spoke) before anything is decided, so that
+-- every event of a session, new or not, serialises on the session's row.
+WITH new_session AS (
+    SELECT s.id, s.spoke_id
+    FROM unnest($1::text[], $2::text[]) AS s (id, spoke_id)
+    WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE sessions.id = s.id)
+), new_spoke AS (
+    INSERT INTO spokes (id)
+    SELECT DISTINCT spoke_id FROM new_session ORDER BY spoke_id
+    ON CONFLICT (id) DO NOTHING
+)
+INSERT INTO sessions (id, spoke_id)
+SELECT id, spoke_id FROM new_session ORDER BY id
+ON CONFLICT (id) DO NOTHING;
+
+-- name: lock_sessions
+-- Every change to a session, its mapping and its detections serialises on this
+-- row lock. NO KEY UPDATE: it does not block the key-share locks that foreign
+-- keys take, so a mapping naming this session as its parent does not wait.
+SELECT id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata
+FROM sessions WHERE id = ANY($1::text[])
+ORDER BY id
+FOR NO KEY UPDATE;
+
+-- name: session_mappings
+SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
+       metadata, created_at, updated_at
+FROM mappings WHERE session_id = ANY($1::text[]);
+
+-- name: active_detections_of_sessions
+SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
+       created_at, updated_at, resolved_at, resolved_by, resolution
+FROM detections WHERE session_id = ANY($1::text[]) AND resolved_at IS NULL
+ORDER BY id
+FOR NO KEY UPDATE;
+
+-- name: newest_resolved_detections
+-- Per dedup key, the detection resolved last: what late news counts on.
+SELECT DISTINCT ON (dedup_key)
+       id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
+       created_at, updated_at, resolved_at, resolved_by, resolution
+FROM detections WHERE dedup_key = ANY($1::text[]) AND resolved_at IS NOT NULL
+ORDER BY dedup_key, resolved_at DESC, created_at DESC;
+
+-- name: record_events
+-- The once-only ledger; fewer rows back than given means another transaction
+-- applied one of them meanwhile, and the batch is retried one by one.
+INSERT INTO processed_events (event_id)
+SELECT unnest($1::uuid[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id;
+
+-- name: ensure_spokes
+INSERT INTO spokes (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+ON CONFLICT (id) DO NOTHING;
+
+-- name: ensure_workspaces
+INSERT INTO workspaces (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+ON CONFLICT (id) DO NOTHING;
+
+-- name: ensure_tasks
+INSERT INTO tasks (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+ON CONFLICT (id) DO NOTHING;
+
+-- name: ensure_parent_sessions
+-- A coordinator's session the hub has not heard from gets a row with no spoke.
+INSERT INTO sessions (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+ON CONFLICT (id) DO NOTHING;
+
+-- name: upsert_sessions
+-- Sessions as the batch left them. A conflict on a new one means another lane
+-- just created it as someone's parent (no spoke yet): this lane's state wins.
+INSERT INTO sessions (id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata)
+SELECT id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+            $6::timestamptz[], $7::text[])
+     AS s (id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata)
+ORDER BY id
+ON CONFLICT (id) DO UPDATE SET
+    spoke_id = EXCLUDED.spoke_id,
+    status = EXCLUDED.status,
+    last_activity_at = EXCLUDED.last_activity_at,
+    ended_at = EXCLUDED.ended_at,
+    archived_at = EXCLUDED.archived_at,
+    metadata = EXCLUDED.metadata,
+    updated_at = now();
+
+-- name: upsert_mappings
+INSERT INTO mappings (id, session_id, spoke_id, workspace_id, parent_session_id, task_id,
+                      task, status, metadata, created_at, updated_at)
+SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
+       metadata::jsonb, created_at, updated_at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[])
+     AS m (id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
+           metadata, created_at, updated_at)
+ORDER BY session_id
+ON CONFLICT (session_id) DO UPDATE SET
+    status = EXCLUDED.status,
+    updated_at = EXCLUDED.updated_at;
+
+-- name: update_detections
+-- Existing detections as the batch left them. Runs before insert_detections,
+-- so that a detection resolved in the batch frees its key for a new one.
+UPDATE detections AS d SET
+    severity = c.severity,
+    details = c.details::jsonb,
+    occurrence_count = c.occurrence_count,
+    updated_at = c.updated_at,
+    resolved_at = c.resolved_at,
+    resolved_by = c.resolved_by,
+    resolution = c.resolution
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[],
+            $6::timestamptz[], $7::text[], $8::text[])
+     AS c (id, severity, details, occurrence_count, updated_at, resolved_at, resolved_by,
+           resolution)
+WHERE d.id = c.id;
+
+-- name: insert_detections
+-- New detections. The session row lock already keeps other transactions off
+-- these keys; the partial unique index is the guard of last resort: should an
+-- active detection for a key have appeared meanwhile, its row is merged into
+-- rather than duplicated, and `merged` tells the caller to redo the batch.
+INSERT INTO detections (id, session_id, anomaly_type, severity, details, dedup_key,
+                        occurrence_count, created_at, updated_at, resolved_at, resolved_by,
+                        resolution)
+SELECT id, session_id, anomaly_type, severity, details::jsonb, dedup_key, occurrence_count,
+       created_at, updated_at, resolved_at, resolved_by, resolution
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::int[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[],
+            $12::text[])
+     AS n (id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
+           created_at, updated_at, resolved_at, resolved_by, resolution)
+ORDER BY resolved_at NULLS LAST
+ON CONFLICT (dedup_key) WHERE resolved_at IS NULL DO UPDATE SET
+    occurrence_count = detections.occurrence_count + EXCLUDED.occurrence_count,
+    updated_at = EXCLUDED.updated_at
+RETURNING id, (xmax <> 0) AS merged;

@@ -1,0 +1,176 @@
+"""worker.batch.simulate: a batch of events applied in memory, in order (section 4)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+from worker.batch import DetectionRow, SessionRow, Snapshot, simulate
+from worker.domain import DeadLetterError, DeadLetterReason, dedup_key
+from worker.intake import Intake, decode
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+P = "hub"
+
+
+def event(what: str, session: str = "s1", spoke: str = "sp1", **fields: Any) -> Intake:
+    body = {
+        "eventId": str(uuid4()),
+        "occurredAt": (NOW - timedelta(seconds=30)).isoformat(),
+        "spokeId": spoke,
+        "sessionId": session,
+        **fields,
+    }
+    return decode(P, f"{P}.spoke.{spoke}.session.{session}.{what}", json.dumps(body).encode())
+
+
+def snapshot(**overrides: Any) -> Snapshot:
+    base: dict[str, Any] = {
+        "now": NOW,
+        "applied": set(),
+        "sessions": {},
+        "mappings": {},
+        "active": {},
+        "newest_resolved": {},
+    }
+    return Snapshot(**(base | overrides))
+
+
+def types(plan_outbound: list[Any]) -> list[tuple[str, int | str]]:
+    found = []
+    for row in plan_outbound:
+        body = json.loads(row.payload)
+        if "detection" in body:
+            found.append((body["type"], body["detection"]["occurrenceCount"]))
+        else:
+            found.append((body["type"], body.get("mapping", {}).get("status", "")))
+    return found
+
+
+def test_repeated_events_coalesce_but_never_across_an_escalation() -> None:
+    batch = [
+        event("signal.model_degradation", severity="low"),
+        event("signal.model_degradation", severity="low"),
+        event("signal.model_degradation", severity="low"),
+        event("signal.model_degradation", severity="high"),
+        event("signal.model_degradation", severity="medium"),
+        event("signal.model_degradation", severity="low"),
+    ]
+    plan = simulate(P, batch, snapshot())
+    assert plan.outcomes == ["applied"] * 6
+    assert types(plan.outbound) == [
+        ("detection.opened", 1),
+        ("detection.repeated", 3),
+        ("detection.escalated", 4),
+        ("detection.repeated", 6),
+    ]
+    (row,) = plan.new_detections.values()
+    assert (row.severity, row.occurrence_count) == ("high", 6)
+
+
+def test_the_same_event_twice_in_a_batch_applies_once() -> None:
+    first = event("signal.model_degradation", severity="low")
+    plan = simulate(P, [first, first], snapshot())
+    assert plan.outcomes == ["applied", "duplicate"]
+    assert plan.ledger == [first.event.event_id]
+
+
+def test_an_event_already_in_the_ledger_is_a_duplicate() -> None:
+    seen = event("heartbeat")
+    plan = simulate(P, [seen], snapshot(applied={seen.event.event_id}))
+    assert plan.outcomes == ["duplicate"]
+    assert not plan.sessions
+    assert not plan.ledger
+
+
+def test_another_spokes_event_is_a_spoke_mismatch_and_not_recorded() -> None:
+    sessions = {"s1": SessionRow("s1", "sp1")}
+    forged = event("completed", spoke="sp2")
+    plan = simulate(P, [forged], snapshot(sessions=sessions))
+    (outcome,) = plan.outcomes
+    assert isinstance(outcome, DeadLetterError)
+    assert outcome.reason is DeadLetterReason.SPOKE_MISMATCH
+    assert plan.ledger == []
+    assert sessions["s1"].status == "active"
+    assert "sp2" not in plan.spokes
+
+
+def test_terminal_before_spawned_in_one_batch() -> None:
+    plan = simulate(P, [event("failed"), event("spawned")], snapshot())
+    assert plan.new_mappings["s1"].status == "failed"
+    assert types(plan.outbound) == [("mapping.failed", "failed")]
+
+
+def test_archived_resolves_everything_and_later_events_are_ignored() -> None:
+    batch = [
+        event("spawned"),
+        event("signal.high_error_count", severity="high"),
+        event("archived"),
+        event("signal.high_error_count", severity="high"),
+    ]
+    plan = simulate(P, batch, snapshot())
+    assert plan.outcomes == ["applied", "applied", "applied", "ignored"]
+    (row,) = plan.new_detections.values()
+    assert (row.resolution, row.resolved_at, row.occurrence_count) == ("auto_resolved", NOW, 1)
+    assert plan.sessions["s1"].status == "aborted"
+    assert plan.new_mappings["s1"].status == "aborted"
+
+
+def test_late_news_counts_on_the_resolved_row() -> None:
+    key = dedup_key("MODEL_DEGRADATION", "s1", None)
+    resolved = DetectionRow(
+        id="d1",
+        session_id="s1",
+        anomaly_type="MODEL_DEGRADATION",
+        severity="low",
+        details=None,
+        dedup_key=key,
+        occurrence_count=3,
+        created_at=NOW - timedelta(hours=1),
+        updated_at=NOW - timedelta(seconds=10),
+        resolved_at=NOW - timedelta(seconds=10),
+        resolution="fixed",
+    )
+    snap = snapshot(sessions={"s1": SessionRow("s1", "sp1")}, newest_resolved={key: resolved})
+    late = event("signal.model_degradation", severity="high")  # 30 s ago: before the resolve
+    fresh = event(
+        "signal.model_degradation",
+        severity="low",
+        occurredAt=(NOW - timedelta(seconds=5)).isoformat(),
+    )
+    plan = simulate(P, [late, fresh], snap)
+    assert plan.outcomes == ["late", "applied"]
+    assert resolved.occurrence_count == 4
+    assert resolved.severity == "low"
+    assert plan.changed_detections == {"d1": resolved}
+    (opened,) = plan.new_detections.values()
+    assert opened.resolved_at is None
+
+
+def test_a_heartbeat_ends_the_stall_and_older_stall_news_reopens_nothing() -> None:
+    plan = simulate(
+        P,
+        [
+            event("signal.session_stall", severity="medium"),
+            event("heartbeat"),
+            event("signal.session_stall", severity="medium"),
+        ],
+        snapshot(),
+    )
+    assert plan.outcomes == ["applied", "applied", "late"]
+    (stall,) = plan.new_detections.values()
+    assert stall.resolution == "auto_resolved"
+    assert stall.occurrence_count == 2
+    assert types(plan.outbound) == [
+        ("detection.opened", 1),
+        ("detection.resolved", 1),
+        ("detection.repeated", 2),
+    ]
+
+
+def test_a_spoke_clock_ahead_of_ours_counts_as_now() -> None:
+    ahead = event("heartbeat", occurredAt=(NOW + timedelta(hours=3)).isoformat())
+    plan = simulate(P, [ahead], snapshot())
+    assert plan.sessions["s1"].last_activity_at == NOW
