@@ -202,20 +202,30 @@ class Stage:
             "HUB_LOG_FORMAT": "json",
             "PYTHONPATH": str(ROOT),
         }
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "run"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        with self.log.open("ab") as out:
+            self.processes = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker", "run"],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+                for _ in range(self.workers)
+            ]
 
     def stop(self) -> tuple[float, float]:
-        assert self.process is not None
-        stats = proc_stats(self.process.pid)
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
-        return stats
+        """(the largest peak RSS, the summed CPU seconds) of the workers, then stop them."""
+        stats = [proc_stats(p.pid) for p in self.processes]
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            process.wait(timeout=60)
+        return max(s[0] for s in stats), sum(s[1] for s in stats)
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
 
     async def drop(self) -> None:
         admin = await asyncpg.connect(self.admin_dsn)
@@ -237,9 +247,9 @@ async def wait_for_streams(js: object, prefix: str) -> None:
 
 
 async def drain(
-    admin_dsn: str, nats_url: str, mode: str, batch_max: int, events: list[Event]
+    admin_dsn: str, nats_url: str, mode: str, batch_max: int, events: list[Event], workers: int = 1
 ) -> Result:
-    stage = Stage(admin_dsn, nats_url, mode, batch_max)
+    stage = Stage(admin_dsn, nats_url, mode, batch_max, workers)
     await stage.create()
     nc = await nats.connect(nats_url)
     js = nc.jetstream(timeout=30)
@@ -394,6 +404,17 @@ async def main() -> None:
         if not args.skip_baseline:
             rows.append(
                 await drain(admin_dsn, nats_url, "per-message", 1, events[: args.baseline_events])
+            )
+        if args.workers > 1:
+            rows.append(
+                await drain(
+                    admin_dsn,
+                    nats_url,
+                    f"{args.workers}x batched",
+                    args.batch_max,
+                    events[: args.events],
+                    args.workers,
+                )
             )
         print()
         print(
