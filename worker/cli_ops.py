@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from worker import db
 from worker.client import AlertEvent, Spoke, publishable_headers, subscribe
 from worker.config import ConfigError, Settings
-from worker.domain import LIFECYCLES
+from worker.domain import LIFECYCLES, DeadLetterReason
 from worker.events import (
     DetectionEscalatedEvent,
     DetectionState,
@@ -73,15 +73,7 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 RESOLVE_TIMEOUT_SECONDS = 5.0
 RESOLVE_ATTEMPTS = 2
 REFUSALS = frozenset({"not_found", "already_resolved", "unknown_account", "invalid_request"})
-DEAD_LETTER_REASONS = (
-    "invalid_json",
-    "too_large",
-    "invalid_event",
-    "unknown_subject",
-    "subject_mismatch",
-    "spoke_mismatch",
-    "handler_error",
-)
+DEAD_LETTER_REASONS = tuple(reason.value for reason in DeadLetterReason)
 SEVERITIES = ("high", "medium", "low")
 RESOLUTIONS = ("acknowledged", "dismissed", "escalated", "fixed")
 

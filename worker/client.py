@@ -42,6 +42,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import Field, TypeAdapter, ValidationError
 
+from worker.config import stream_token
 from worker.constants import MAX_EVENT_BYTES
 from worker.domain import Lifecycle, Severity
 from worker.events import (
@@ -81,11 +82,6 @@ EPHEMERAL_INACTIVE_SECONDS = 60.0
 _JETSTREAM_PUBLISH_HEADERS = ("nats-expected-", "nats-rollup", "nats-ttl", "nats-msg-id")
 
 _E = TypeVar("_E", bound=LifecycleEvent | SpawnedEvent | EndedEvent | SignalEvent)
-
-
-def stream_token(prefix: str) -> str:
-    """`PU`: the prefix upper-cased, every character outside [A-Z0-9] turned into `_`."""
-    return re.sub(r"[^A-Z0-9]", "_", prefix.upper())
 
 
 def out_stream(prefix: str) -> str:

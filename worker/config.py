@@ -18,6 +18,11 @@ _HOST_PORT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<po
 LogFormat = Literal["json", "console"]
 
 
+def stream_token(prefix: str) -> str:
+    """`PU`: the prefix upper-cased with everything outside [A-Z0-9] turned into `_`."""
+    return re.sub(r"[^A-Z0-9]", "_", prefix.upper())
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names the variable."""
 
@@ -45,8 +50,7 @@ class Settings:
 
     @property
     def stream_token(self) -> str:
-        """`PU`: the prefix upper-cased with everything outside [A-Z0-9] turned into `_`."""
-        return re.sub(r"[^A-Z0-9]", "_", self.subject_prefix.upper())
+        return stream_token(self.subject_prefix)
 
     @property
     def events_stream(self) -> str:

@@ -45,6 +45,18 @@ def _rfc3339(value: object) -> object:
     return datetime.fromisoformat(value.upper())
 
 
+# camelCase on the wire, snake_case in Python; unknown keys ignored.
+_CAMEL = ConfigDict(
+    alias_generator=to_camel,
+    validate_by_alias=True,
+    validate_by_name=True,
+    serialize_by_alias=True,
+    extra="ignore",
+    frozen=True,
+)
+# ...and known keys strictly typed, for what arrives from outside.
+_STRICT_CAMEL = ConfigDict(**_CAMEL, strict=True)
+
 EventId = Annotated[UUID, BeforeValidator(_canonical_uuid)]
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
@@ -55,15 +67,7 @@ Fingerprint = Annotated[str, StringConstraints(max_length=256)]
 
 
 class _Inbound(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        strict=True,
-        frozen=True,
-    )
+    model_config = _STRICT_CAMEL
 
     event_id: EventId
     occurred_at: Timestamp
@@ -99,14 +103,7 @@ InboundEvent = LifecycleEvent | SpawnedEvent | EndedEvent | SignalEvent
 
 
 class _Outbound(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = _CAMEL
 
 
 class DetectionState(_Outbound):
@@ -180,15 +177,7 @@ OutboundEvent = DetectionEvent | DetectionEscalatedEvent | MappingEvent | DeadLe
 class ResolveRequest(BaseModel):
     """Body of a request on `P.cmd.detection.resolve` (contract section 7)."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        strict=True,
-        frozen=True,
-    )
+    model_config = _STRICT_CAMEL
 
     detection_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     resolved_by: Annotated[str, StringConstraints(min_length=1, max_length=256)]
