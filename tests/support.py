@@ -103,7 +103,7 @@ class Hub:
     async def start_worker(self, **overrides: Any) -> Worker:
         """A worker in this process (same event loop), stopped at teardown."""
         settings = Settings(**{**self.settings.__dict__, **overrides})
-        worker = Worker(settings, self.database_url, [self.nats_url])
+        worker = Worker(settings, self.database_url, self.nats_url.split(","))
         stopping = asyncio.Event()
         task = asyncio.create_task(worker.run(stopping))
         self.workers.append((task, stopping))
@@ -177,7 +177,16 @@ class Hub:
     async def publish_raw(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None
     ) -> None:
-        await self.js.publish(subject, data, headers=headers)
+        """Publish as a spoke does: retry when no ack comes (a stream leader being
+        elected); the same Nats-Msg-Id makes a retry of a stored message a no-op."""
+        for attempt in range(10):
+            try:
+                await self.js.publish(subject, data, headers=headers, timeout=2)
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def send(self, spoke: str, session: str, what: str, **fields: Any) -> dict[str, Any]:
         """Publish a lifecycle event (`what` = "spawned"...) or a signal (`what` = "signal.kind")."""
@@ -258,7 +267,7 @@ async def open_hub(
     settings: Settings, database_url: str, nats_url: str, tmp: Path
 ) -> AsyncIterator[Hub]:
     """A hub on given servers; its workers are stopped and its streams deleted afterwards."""
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await nats.connect(nats_url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     js = nc.jetstream()
     conn = await db.connect(database_url, application_name="tests")
     hub = Hub(settings, database_url, nats_url, nc, js, conn, tmp)

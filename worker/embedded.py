@@ -58,9 +58,13 @@ def postgres_bin_dir() -> Path:
 class EmbeddedNats:
     """A `nats-server -js` child process on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        # E.g. the cluster options of one server of a test cluster.
+        self.extra_args = extra_args or []
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,6 +84,7 @@ class EmbeddedNats:
                 str(self.port),
                 "--store_dir",
                 str(self.data_dir),
+                *self.extra_args,
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
