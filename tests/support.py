@@ -183,7 +183,7 @@ class Hub:
             try:
                 await self.js.publish(subject, data, headers=headers, timeout=2)
                 return
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            except nats.errors.Error:  # no ack, no responders, reconnecting...
                 if attempt == 9:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))

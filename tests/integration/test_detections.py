@@ -152,3 +152,15 @@ async def test_late_news_after_a_resolve_counts_without_reopening(hub: Hub) -> N
     assert rows[1] == {"occurrence_count": 1, "resolved_at": None, "severity": "medium"}
     opened = await hub.outbound(f"{hub.prefix}.detection.opened.>")
     assert len(opened) == 2
+
+
+async def test_without_the_ledger_a_redelivered_event_is_counted_twice(hub: Hub) -> None:
+    """Negative control of the once-only test above: with the ledger forgotten, the same
+    eventId really is applied again, so that test would catch a missing ledger."""
+    await hub.start_worker()
+    body = await hub.send("sp1", "s1", "signal.model_degradation", severity="low")
+    await hub.settle()
+    await hub.db.execute("TRUNCATE processed_events")
+    await hub.resend("sp1", "s1", "signal.model_degradation", body)
+    await hub.settle()
+    assert await hub.value("SELECT occurrence_count FROM detections") == 2
