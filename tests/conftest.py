@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -126,3 +126,19 @@ def pytest_report_header() -> list[str]:
         "postgres": "external" if os.environ.get("HUB_TEST_DATABASE_URL") else "embedded",
     }
     return [f"hub-worker servers: {json.dumps(where)}"]
+
+
+_SUMMARIES: list[str] = []
+
+
+@pytest.fixture
+def summary() -> Callable[[str], None]:
+    """A line for the end of the test run: what a chaos or fault test injected and compared."""
+    return _SUMMARIES.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SUMMARIES:
+        terminalreporter.section("faults injected and results compared")
+        for line in _SUMMARIES:
+            terminalreporter.write_line(line)

@@ -184,6 +184,11 @@ class LaneManager:
             await self.bus.take_over(lane)
             subscription = await self.bus.pull(lane)
             failures = 0
+            # The consumer numbers its deliveries 1, 2, 3...: a number skipped
+            # is a delivery lost on the way (a NATS restart, a reconnect). The
+            # server would redeliver it only after the ack wait, behind what
+            # follows, so the lane rewinds instead of applying out of order.
+            next_delivery: int | None = None
             while not owned.release.is_set():
                 try:
                     batch = await _fetch(subscription, self.batch_max)
@@ -211,6 +216,22 @@ class LaneManager:
                         subscription = await self._repair(lane, subscription)
                     continue
                 failures = 0
+                deliveries = [m.metadata.sequence.consumer for m in batch]
+                expected = deliveries[0] if next_delivery is None else next_delivery
+                if deliveries != list(range(expected, expected + len(batch))):
+                    log.warning(
+                        "lane.delivery_gap",
+                        action="lane.rewind",
+                        lane=lane.durable,
+                        expected=expected,
+                        got=deliveries[:3],
+                    )
+                    await _give_back(batch)
+                    await self.bus.take_over(lane)
+                    subscription = await _rebind(self.bus, lane, subscription)
+                    next_delivery = None
+                    continue
+                next_delivery = deliveries[-1] + 1
                 self.metrics.batch_size.observe(len(batch))
                 try:
                     await self.handler.handle_batch(conn, batch)

@@ -8,7 +8,7 @@ import json
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -42,7 +42,9 @@ async def publish(hub: Hub, event: Published, msg_id: str | None = None) -> None
     )
 
 
-async def test_chaos(settings: Settings, scratch: Path, tmp_path: Path) -> None:
+async def test_chaos(
+    summary: Callable[[str], None], settings: Settings, scratch: Path, tmp_path: Path
+) -> None:
     rng = random.Random(7)
     # Durable PostgreSQL: an acked commit must survive its crash.
     postgres = EmbeddedPostgres(scratch / "postgres", options={"max_connections": "300"})
@@ -91,13 +93,16 @@ async def test_chaos(settings: Settings, scratch: Path, tmp_path: Path) -> None:
             await assert_tables_match(hub, expected)
             outbound = await hub.outbound()
             await assert_outbound_matches_tables(hub, outbound)
+            rewinds = sum(w.log().count('"action": "lane.rewind"') for w in hub.processes)
+            takeovers = sum(w.log().count('"event": "consumer.rewound"') for w in hub.processes)
             for worker in workers:
                 worker.terminate()
-            print(
+            summary(
                 f"chaos: {len(stream)} events over {SESSIONS} sessions, {duplicates} duplicates "
                 f"republished; faults: {'; '.join(faults)}; compared {len(expected.sessions)} "
                 f"sessions, {len(expected.mappings)} mappings, {len(expected.detections)} "
-                f"detections and {len(outbound)} outbound events"
+                f"detections and {len(outbound)} outbound events; {takeovers} consumers rewound on "
+                f"take-over, {rewinds} lost deliveries caught"
             )
     finally:
         nats_server.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -58,7 +58,11 @@ def cluster() -> Iterator[list[EmbeddedNats]]:
 
 
 async def test_stream_leader_dies_mid_stream_and_rejoins(
-    cluster: list[EmbeddedNats], settings: Settings, database_url: str, tmp_path: Path
+    summary: Callable[[str], None],
+    cluster: list[EmbeddedNats],
+    settings: Settings,
+    database_url: str,
+    tmp_path: Path,
 ) -> None:
     urls = ",".join(s.url for s in cluster)
     settings = dataclasses.replace(settings, stream_replicas=NODES)
@@ -107,7 +111,7 @@ async def test_stream_leader_dies_mid_stream_and_rejoins(
             return peer is not None and bool(peer.current)
 
         await wait_until(rejoined, within=60, what=f"{leader_name} to rejoin the stream")
-        print(
+        summary(
             f"cluster: {len(stream)} events, stream leader {leader_name} stopped after "
             f"{len(stream) // 2}; new leader {moved.cluster.leader}; {leader_name} rejoined"
         )

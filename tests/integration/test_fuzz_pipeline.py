@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
@@ -61,6 +62,7 @@ def random_message(rng: random.Random, prefix: str) -> tuple[str, bytes]:
 
 
 async def test_every_message_is_applied_or_dead_lettered_and_the_worker_stays_up(
+    summary: Callable[[str], None],
     hub: Hub,
 ) -> None:
     worker = await hub.start_worker()
@@ -88,4 +90,4 @@ async def test_every_message_is_applied_or_dead_lettered_and_the_worker_stays_up
         "every loop of the worker is still running"
     )
     reasons = sorted({r["reason"] for r in letters})
-    print(f"fuzz: {published} messages, {applied} applied, {len(letters)} dead letters {reasons}")
+    summary(f"fuzz: {published} messages, {applied} applied, {len(letters)} dead letters {reasons}")
