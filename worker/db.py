@@ -329,8 +329,11 @@ async def claim_schedule(conn: Connection, name: str, interval_seconds: float) -
     return None if runs is None else int(runs)
 
 
-async def stalled_sessions(conn: Connection, stall_after_seconds: float, limit: int) -> list[str]:
-    rows = await conn.fetch(queries().stalled_sessions, stall_after_seconds, limit)
+async def stalled_sessions(
+    conn: Connection, stall_after_seconds: float, limit: int, anomaly_type: str
+) -> list[str]:
+    """Silent sessions without an active stall detection yet."""
+    rows = await conn.fetch(queries().stalled_sessions, stall_after_seconds, limit, anomaly_type)
     return [r["id"] for r in rows]
 
 

@@ -72,7 +72,9 @@ class StallSweep:
                 "sweep", action="sweep.skipped", run=run, reason="backlog", backlog_seconds=backlog
             )
             return []
-        stalled = await db.stalled_sessions(conn, self.stall_after_seconds, SWEEP_BATCH)
+        stalled = await db.stalled_sessions(
+            conn, self.stall_after_seconds, SWEEP_BATCH, SESSION_STALL
+        )
         opened: list[str] = []
         if stalled:
             candidates = [

@@ -10,11 +10,16 @@ WHERE name = $1 AND last_run_at <= now() - make_interval(secs => $2)
 RETURNING runs;
 
 -- name: stalled_sessions
--- Sessions alive on paper but silent for longer than $1 seconds.
-SELECT id FROM sessions
-WHERE status = 'active' AND archived_at IS NULL
-  AND last_activity_at < now() - make_interval(secs => $1)
-ORDER BY id
+-- Sessions alive on paper, silent for longer than $1 seconds, and not yet
+-- reported stalled ($3 is the stall's anomaly type): a batch of $2 at most, so
+-- that sessions beyond the first batch get their turn at the next sweep.
+SELECT s.id FROM sessions AS s
+WHERE s.status = 'active' AND s.archived_at IS NULL
+  AND s.last_activity_at < now() - make_interval(secs => $1)
+  AND NOT EXISTS (
+      SELECT 1 FROM detections AS d
+      WHERE d.session_id = s.id AND d.anomaly_type = $3 AND d.resolved_at IS NULL)
+ORDER BY s.id
 LIMIT $2;
 
 -- name: open_stalls

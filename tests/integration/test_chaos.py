@@ -21,7 +21,7 @@ from worker import db
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(420)]
 
 SESSIONS = 2500
 DUPLICATE_SHARE = 0.05

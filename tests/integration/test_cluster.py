@@ -87,11 +87,7 @@ async def test_stream_leader_dies_mid_stream_and_rejoins(
         await publish_all(hub, stream[: len(stream) // 2])
 
         leader_name = info.cluster.leader if info.cluster else None
-        leader = next(
-            s
-            for s in cluster
-            if f"--server_name n{cluster.index(s)}" and s.extra_args[1] == leader_name
-        )
+        leader = next(s for s in cluster if s.extra_args[1] == leader_name)
         leader.stop()
         await publish_all(hub, stream[len(stream) // 2 :])
         await hub.settle(within=120)
