@@ -10,7 +10,7 @@ import asyncpg
 import structlog
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus, Lane, lanes
+from worker.bus import NATS_ERRORS, Bus, Lane, Stopped, lanes
 from worker.commands import ResolveCommand
 from worker.config import Settings
 from worker.constants import (
@@ -49,10 +49,12 @@ async def migrate(dsn: str, stopping: asyncio.Event | None = None) -> list[str]:
             conn = await db.connect(dsn, application_name="hub-worker:migrate")
         except db.CONNECTION_ERRORS as err:
             if stopping is not None and stopping.is_set():
-                raise
+                raise Stopped from err
             delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
             log.warning("database.unreachable", action="migrate", error=str(err), retry_in=delay)
-            await asyncio.sleep(delay)
+            await (pause(stopping, delay) if stopping is not None else asyncio.sleep(delay))
+            if stopping is not None and stopping.is_set():
+                raise Stopped from err
             continue
         try:
             applied = await db.migrate(conn)
@@ -103,8 +105,13 @@ class Worker:
             probes = ProbeServer(s.http_addr, self.liveness, self.readiness, self.metrics.render)
             await probes.start()
         try:
-            await migrate(self.database_url)
-            self.bus = bus = await Bus.connect(s, self.nats_urls)
+            try:
+                await migrate(self.database_url, stopping)
+                self.bus = bus = await Bus.connect(s, self.nats_urls, stopping=stopping)
+            except Stopped:
+                # Asked to stop while still waiting for a server: nothing to drain.
+                log.info("worker.stopped", action="worker.stop", before="servers answered")
+                return
             try:
                 await self._serve(bus, stopping)
             finally:

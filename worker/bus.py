@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,15 @@ from worker.subjects import (
 log = structlog.get_logger("worker.bus")
 
 PullSubscription = JetStreamContext.PullSubscription
+
+
+# While a first connection to NATS is still being tried, a log line this often, seconds.
+CONNECT_NOTICE_SECONDS = 5.0
+
+
+class Stopped(Exception):
+    """A stop was asked for while waiting for a server to answer."""
+
 
 # Errors that mean "NATS is not answering right now": wait and try again.
 NATS_ERRORS: tuple[type[Exception], ...] = (
@@ -101,13 +111,22 @@ class Bus:
         self._ack_futures: dict[str, asyncio.Future[None]] = {}
 
     @classmethod
-    async def connect(cls, settings: Settings, urls: list[str], name: str = "hub-worker") -> Bus:
-        """Connect, waiting out an unreachable server with backoff instead of failing."""
+    async def connect(
+        cls,
+        settings: Settings,
+        urls: list[str],
+        name: str = "hub-worker",
+        stopping: asyncio.Event | None = None,
+    ) -> Bus:
+        """Connect, waiting out an unreachable server with backoff instead of failing.
+
+        Raises Stopped when `stopping` is set while it waits.
+        """
         attempt = 0
         while True:
             attempt += 1
-            try:
-                nc = await nats.connect(
+            connecting = asyncio.ensure_future(
+                nats.connect(
                     servers=urls,
                     name=name,
                     max_reconnect_attempts=-1,
@@ -118,13 +137,45 @@ class Bus:
                     disconnected_cb=_log_disconnected,
                     reconnected_cb=_log_reconnected,
                 )
+            )
+            try:
+                # nats-py may keep trying inside connect: say so now and then,
+                # and do not make a stop wait for it.
+                stop = asyncio.ensure_future(
+                    stopping.wait() if stopping is not None else asyncio.Event().wait()
+                )
+                waited = 0.0
+                while not connecting.done() and not stop.done():
+                    await asyncio.wait(
+                        {connecting, stop},
+                        timeout=CONNECT_NOTICE_SECONDS,
+                        return_when="FIRST_COMPLETED",
+                    )
+                    waited += CONNECT_NOTICE_SECONDS
+                    if not connecting.done() and not stop.done():
+                        log.warning(
+                            "nats.unreachable", action="nats.connect", waited_seconds=waited
+                        )
+                stop.cancel()
+                if not connecting.done():
+                    connecting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
+                        await connecting
+                    raise Stopped
+                nc = await connecting
                 return cls(nc, settings)
             except NATS_ERRORS as err:
                 delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
                 log.warning(
                     "nats.unreachable", action="nats.connect", error=str(err), retry_in=delay
                 )
-                await asyncio.sleep(delay)
+                if stopping is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), timeout=delay)
+                    if stopping.is_set():
+                        raise Stopped from err
+                else:
+                    await asyncio.sleep(delay)
 
     async def ensure_streams(self) -> int:
         """Create PU_EVENTS and PU_OUT when missing; returns the inbound partition count.
