@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -524,6 +525,64 @@ async def load_snapshot(
     return Snapshot(now, applied, sessions, mappings, active, resolved)
 
 
+# The unnest() parameters of batch.sql's writes, in their order; jsonb travels as text.
+_SESSION_COLUMNS = (
+    "id",
+    "spoke_id",
+    "status",
+    "last_activity_at",
+    "ended_at",
+    "archived_at",
+    "metadata",
+)
+_MAPPING_COLUMNS = (
+    "id",
+    "session_id",
+    "spoke_id",
+    "workspace_id",
+    "parent_session_id",
+    "task_id",
+    "task",
+    "status",
+    "metadata",
+    "created_at",
+    "updated_at",
+)
+_CHANGED_DETECTION_COLUMNS = (
+    "id",
+    "severity",
+    "details",
+    "occurrence_count",
+    "updated_at",
+    "resolved_at",
+    "resolved_by",
+    "resolution",
+)
+_NEW_DETECTION_COLUMNS = (
+    "id",
+    "session_id",
+    "anomaly_type",
+    "severity",
+    "details",
+    "dedup_key",
+    "occurrence_count",
+    "created_at",
+    "updated_at",
+    "resolved_at",
+    "resolved_by",
+    "resolution",
+)
+_JSON_COLUMNS = frozenset({"metadata", "details"})
+
+
+def _columns(rows: Sequence[object], names: tuple[str, ...]) -> list[list[Any]]:
+    """Rows turned into one list per column, for `unnest($1::…[], $2::…[], …)`."""
+    return [
+        [_json_text(getattr(r, name)) if name in _JSON_COLUMNS else getattr(r, name) for r in rows]
+        for name in names
+    ]
+
+
 class LedgerConflict(Exception):
     """Another transaction changed what the batch was planned on: redo it one by one."""
 
@@ -545,65 +604,19 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
         if keys:
             await conn.execute(query, sorted(keys))
     if plan.sessions:
-        rows = sorted(plan.sessions.values(), key=lambda r: r.id)
-        await conn.execute(
-            q.upsert_sessions,
-            [r.id for r in rows],
-            [r.spoke_id for r in rows],
-            [r.status for r in rows],
-            [r.last_activity_at for r in rows],
-            [r.ended_at for r in rows],
-            [r.archived_at for r in rows],
-            [_json_text(r.metadata) for r in rows],
-        )
+        sessions = sorted(plan.sessions.values(), key=lambda r: r.id)
+        await conn.execute(q.upsert_sessions, *_columns(sessions, _SESSION_COLUMNS))
     if plan.parent_sessions:
         await conn.execute(q.ensure_parent_sessions, sorted(plan.parent_sessions))
     mappings = [*plan.new_mappings.values(), *plan.changed_mappings.values()]
     if mappings:
-        await conn.execute(
-            q.upsert_mappings,
-            [m.id for m in mappings],
-            [m.session_id for m in mappings],
-            [m.spoke_id for m in mappings],
-            [m.workspace_id for m in mappings],
-            [m.parent_session_id for m in mappings],
-            [m.task_id for m in mappings],
-            [m.task for m in mappings],
-            [m.status for m in mappings],
-            [_json_text(m.metadata) for m in mappings],
-            [m.created_at for m in mappings],
-            [m.updated_at for m in mappings],
-        )
+        await conn.execute(q.upsert_mappings, *_columns(mappings, _MAPPING_COLUMNS))
     if plan.changed_detections:
         changed = sorted(plan.changed_detections.values(), key=lambda d: d.id)
-        await conn.execute(
-            q.update_detections,
-            [d.id for d in changed],
-            [d.severity for d in changed],
-            [_json_text(d.details) for d in changed],
-            [d.occurrence_count for d in changed],
-            [d.updated_at for d in changed],
-            [d.resolved_at for d in changed],
-            [d.resolved_by for d in changed],
-            [d.resolution for d in changed],
-        )
+        await conn.execute(q.update_detections, *_columns(changed, _CHANGED_DETECTION_COLUMNS))
     if plan.new_detections:
         new = list(plan.new_detections.values())
-        written = await conn.fetch(
-            q.insert_detections,
-            [d.id for d in new],
-            [d.session_id for d in new],
-            [d.anomaly_type for d in new],
-            [d.severity for d in new],
-            [_json_text(d.details) for d in new],
-            [d.dedup_key for d in new],
-            [d.occurrence_count for d in new],
-            [d.created_at for d in new],
-            [d.updated_at for d in new],
-            [d.resolved_at for d in new],
-            [d.resolved_by for d in new],
-            [d.resolution for d in new],
-        )
+        written = await conn.fetch(q.insert_detections, *_columns(new, _NEW_DETECTION_COLUMNS))
         if any(r["merged"] for r in written):
             raise LedgerConflict("an active detection of the batch's keys appeared meanwhile")
     await enqueue_outbox(conn, plan.outbound)
