@@ -22,7 +22,6 @@ LIFECYCLES: tuple[Lifecycle, ...] = (
     "aborted",
     "archived",
 )
-TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "aborted"})
 SEVERITY_RANK: dict[str, int] = {"low": 0, "medium": 1, "high": 2}
 SESSION_STALL = "SESSION_STALL"
 DEDUP_KEY_VERSION = "v1"
@@ -76,15 +75,6 @@ def signal_change(previous: Severity | None, committed: Severity) -> DetectionCh
 def is_late_news(occurred_at: datetime, resolved_at: datetime) -> bool:
     """A signal from no later than the resolve is about the resolved problem, not a new one."""
     return occurred_at <= resolved_at
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL_STATUSES
-
-
-def mapping_status_at_spawn(session_status: SessionStatus) -> SessionStatus:
-    """`spawned` arriving after a terminal event creates the mapping already in that status."""
-    return session_status
 
 
 def ended_status(lifecycle: Lifecycle) -> SessionStatus | None:
