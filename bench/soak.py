@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +24,7 @@ import nats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import Stage, generate, subject, wait_for_streams  # noqa: E402
-from worker.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from bench.throughput import Stage, generate, servers, subject, wait_for_streams  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -107,24 +103,8 @@ async def main() -> None:
     parser.add_argument("--rate", type=int, default=500, help="events/s")
     parser.add_argument("--sample", type=float, default=10, help="seconds between samples")
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="hub-soak-"))
-    servers: list[EmbeddedNats | EmbeddedPostgres] = []
-    try:
-        nats_url = os.environ.get("HUB_NATS_URL")
-        if not nats_url:
-            server = EmbeddedNats(scratch / "nats")
-            nats_url = server.start()
-            servers.append(server)
-        admin_dsn = os.environ.get("HUB_DATABASE_URL")
-        if not admin_dsn:
-            pg = EmbeddedPostgres(scratch / "postgres", options={"max_connections": "200"})
-            admin_dsn = pg.start()
-            servers.append(pg)
+    with servers() as (nats_url, admin_dsn):
         await soak(admin_dsn, nats_url, args.minutes, args.rate, args.sample)
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

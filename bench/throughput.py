@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -233,6 +235,33 @@ class Stage:
         await admin.close()
 
 
+@contextmanager
+def servers() -> Iterator[tuple[str, str]]:
+    """(NATS URL, admin DSN): HUB_NATS_URL / HUB_DATABASE_URL, or embedded servers for
+    what is not given (BENCH_PG_OPTIONS: extra PostgreSQL settings as JSON)."""
+    scratch = Path(tempfile.mkdtemp(prefix="hub-bench-"))
+    started: list[EmbeddedNats | EmbeddedPostgres] = []
+    try:
+        nats_url = os.environ.get("HUB_NATS_URL")
+        if not nats_url:
+            embedded_nats = EmbeddedNats(scratch / "nats")
+            nats_url = embedded_nats.start()
+            started.append(embedded_nats)
+        admin_dsn = os.environ.get("HUB_DATABASE_URL")
+        if not admin_dsn:
+            extra = json.loads(os.environ.get("BENCH_PG_OPTIONS", "{}"))
+            embedded_pg = EmbeddedPostgres(
+                scratch / "postgres", options={"max_connections": "200", **extra}
+            )
+            admin_dsn = embedded_pg.start()
+            started.append(embedded_pg)
+        yield nats_url, admin_dsn
+    finally:
+        for server in reversed(started):
+            server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 async def wait_for_streams(js: object, prefix: str) -> None:
     stream = f"{prefix.upper()}_EVENTS"
     for _ in range(600):
@@ -363,26 +392,7 @@ async def main() -> None:
     )
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="hub-bench-"))
-    servers: list[EmbeddedNats | EmbeddedPostgres] = []
-    try:
-        nats_url = os.environ.get("HUB_NATS_URL")
-        if not nats_url:
-            embedded_nats = EmbeddedNats(scratch / "nats")
-            nats_url = embedded_nats.start()
-            servers.append(embedded_nats)
-        admin_dsn = os.environ.get("HUB_DATABASE_URL")
-        if not admin_dsn:
-            embedded_pg = EmbeddedPostgres(
-                scratch / "postgres",
-                options={
-                    "max_connections": "200",
-                    **json.loads(os.environ.get("BENCH_PG_OPTIONS", "{}")),
-                },
-            )
-            admin_dsn = embedded_pg.start()
-            servers.append(embedded_pg)
-
+    with servers() as (nats_url, admin_dsn):
         events = generate(max(args.events, args.baseline_events))
         kinds = {"signal": sum(e.tail.startswith("signal.") for e in events)}
         print(
@@ -448,10 +458,6 @@ async def main() -> None:
                     f"latency at an offered {args.rate} events/s, publish to outbound event",
                 )
             )
-    finally:
-        for server in reversed(servers):
-            server.stop()
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
