@@ -255,6 +255,19 @@ class Hub:
             await sub.unsubscribe()
         return found
 
+    async def outbound_in_sequence(self) -> list[Outbound]:
+        """Everything in PU_OUT, in stream order, read by sequence (no consumer involved)."""
+        info = await self.js.stream_info(self.settings.out_stream)
+        if not info.state.messages:
+            return []
+        found = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await self.js.get_msg(self.settings.out_stream, seq)
+            assert msg.subject is not None
+            assert msg.data is not None
+            found.append(Outbound(msg.subject, json.loads(msg.data), dict(msg.headers or {})))
+        return found
+
     async def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.db.fetch(sql, *args)]
 

@@ -20,7 +20,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from tests.support import Hub, Outbound, wait_until
+from tests.support import Hub, wait_until
 from worker import cli_ops, db
 from worker.cli import Endpoints
 from worker.client import Spoke
@@ -84,20 +84,6 @@ def parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_ops.register(commands)
     return parser
-
-
-async def out_events(hub: Hub) -> list[Outbound]:
-    """Everything in PU_OUT, in stream order, read by sequence (no consumer involved)."""
-    info = await hub.js.stream_info(hub.settings.out_stream)
-    if not info.state.messages:
-        return []
-    found = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await hub.js.get_msg(hub.settings.out_stream, seq)
-        assert msg.subject is not None
-        assert msg.data is not None
-        found.append(Outbound(msg.subject, json.loads(msg.data), dict(msg.headers or {})))
-    return found
 
 
 # --- help and usage ----------------------------------------------------------------------
@@ -379,7 +365,7 @@ async def publish_signals(hub: Hub) -> list[dict[str, Any]]:
     await spoke.signal("s2", "model_degradation", "high")  # escalated
     await spoke.signal("s2", "model_degradation", "high")  # repeated
     await hub.settle()
-    return [e.body for e in await out_events(hub)]
+    return [e.body for e in await hub.outbound_in_sequence()]
 
 
 def ids_where(bodies: list[dict[str, Any]], **wanted: str) -> list[str]:
@@ -601,7 +587,7 @@ async def test_resolve_and_its_refusals(hub: Hub) -> None:
     await hub.settle()
     resolved = [
         e
-        for e in await out_events(hub)
+        for e in await hub.outbound_in_sequence()
         if e.subject.startswith(f"{hub.prefix}.detection.resolved.")
     ]
     assert {e.body["detection"]["id"] for e in resolved} == {ids["s1"], ids["s2"]}

@@ -54,20 +54,6 @@ async def stored_inbound(hub: Hub) -> list[tuple[dict[str, str], dict[str, objec
     return found
 
 
-async def out_events(hub: Hub) -> list[Outbound]:
-    """Everything in PU_OUT, in stream order, read by sequence (no consumer involved)."""
-    info = await hub.js.stream_info(hub.settings.out_stream)
-    if not info.state.messages:
-        return []
-    found = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await hub.js.get_msg(hub.settings.out_stream, seq)
-        assert msg.subject is not None
-        assert msg.data is not None
-        found.append(Outbound(msg.subject, json.loads(msg.data), dict(msg.headers or {})))
-    return found
-
-
 def event_id(event: Outbound | AlertEvent) -> str:
     return event.body["eventId"] if isinstance(event, Outbound) else str(event.event_id)
 
@@ -152,7 +138,7 @@ async def test_spoke_publishes_every_event_kind(hub: Hub) -> None:
     ]
 
     # Sessions are applied concurrently: their events interleave in any order.
-    subjects = {e.subject.removeprefix(f"{hub.prefix}.") for e in await out_events(hub)}
+    subjects = {e.subject.removeprefix(f"{hub.prefix}.") for e in await hub.outbound_in_sequence()}
     for expected in [
         "mapping.active.coord",
         "mapping.active.s1",
@@ -287,7 +273,7 @@ async def test_filters_by_severity_kind_session_and_mappings(hub: Hub) -> None:
         await spoke.signal(session, "tool_loop", "high", fingerprint="grep")
     await spoke.session_completed("s2")
     await hub.settle()
-    everything = await out_events(hub)
+    everything = await hub.outbound_in_sequence()
 
     cases: list[tuple[dict[str, object], Callable[[Outbound], bool]]] = [
         ({}, matches(hub.prefix)),
