@@ -40,8 +40,15 @@ _DATABASE_ERRORS: tuple[type[Exception], ...] = (*db.CONNECTION_ERRORS, asyncpg.
 _PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *_DATABASE_ERRORS)
 
 
-async def migrate(dsn: str, stopping: asyncio.Event | None = None) -> list[str]:
-    """Apply pending migrations, waiting for the database if it is not up yet."""
+async def migrate(
+    dsn: str, stopping: asyncio.Event | None = None, runtime_role: str | None = None
+) -> list[str]:
+    """Apply pending migrations, waiting for the database if it is not up yet.
+
+    With `runtime_role`, grant it the runtime rights afterwards (sql/grants.sql).
+    With `stopping` (inside `run`), a role that may not apply pending
+    migrations waits for the owner to apply them; without it, it fails.
+    """
     attempt = 0
     while True:
         attempt += 1
@@ -58,9 +65,22 @@ async def migrate(dsn: str, stopping: asyncio.Event | None = None) -> list[str]:
             continue
         try:
             applied = await db.migrate(conn)
+            if runtime_role is not None:
+                await db.grant_runtime(conn, runtime_role)
+        except db.MigrationsPending as err:
+            if stopping is None:
+                raise
+            delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+            log.warning(
+                "database.migrations_pending", action="migrate", error=str(err), retry_in=delay
+            )
+            await pause(stopping, delay)
+            if stopping.is_set():
+                raise Stopped from err
+            continue
         finally:
             await close_quietly(conn)
-        log.info("migrated", action="migrate", applied=applied)
+        log.info("migrated", action="migrate", applied=applied, granted_to=runtime_role)
         return applied
 
 
@@ -106,7 +126,7 @@ class Worker:
             await probes.start()
         try:
             try:
-                await migrate(self.database_url, stopping)
+                await migrate(self.database_url, stopping, s.database_runtime_role)
                 self.bus = bus = await Bus.connect(s, self.nats_urls, stopping=stopping)
             except Stopped:
                 # Asked to stop while still waiting for a server: nothing to drain.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import nats
 import nats.errors
@@ -26,7 +28,7 @@ from nats.js.api import (
     SubjectTransform,
 )
 
-from worker.config import Settings
+from worker.config import NatsAuth, Settings
 from worker.constants import (
     ACK_WAIT_SECONDS,
     DUPLICATE_WINDOW_SECONDS,
@@ -51,6 +53,36 @@ PullSubscription = JetStreamContext.PullSubscription
 
 # While a first connection to NATS is still being tried, a log line this often, seconds.
 CONNECT_NOTICE_SECONDS = 5.0
+
+
+def connect_options(auth: NatsAuth) -> dict[str, Any]:
+    """`nats.connect` keyword arguments for the configured credentials and TLS.
+
+    Credentials in a URL (`nats://user:pass@host`, `nats://token@host`) still
+    work: nats-py reads them from there when none are given here.
+    """
+    options: dict[str, Any] = {"inbox_prefix": auth.inbox_prefix}
+    if auth.user is not None:
+        options |= {"user": auth.user, "password": auth.password}
+    if auth.token is not None:
+        options["token"] = auth.token
+    if auth.nkey_seed_file is not None:
+        options["nkeys_seed"] = str(auth.nkey_seed_file)
+    if auth.creds_file is not None:
+        options["user_credentials"] = str(auth.creds_file)
+    if auth.tls:
+        # Verifies the server against the given CA (else the system's) and
+        # its name against the URL's host, as a browser would.
+        context = ssl.create_default_context(
+            cafile=str(auth.tls_ca_file) if auth.tls_ca_file else None
+        )
+        if auth.tls_cert_file is not None:
+            context.load_cert_chain(
+                str(auth.tls_cert_file),
+                str(auth.tls_key_file) if auth.tls_key_file else None,
+            )
+        options["tls"] = context
+    return options
 
 
 class Stopped(Exception):
@@ -136,6 +168,7 @@ class Bus:
                     error_cb=_log_error,
                     disconnected_cb=_log_disconnected,
                     reconnected_cb=_log_reconnected,
+                    **connect_options(settings.nats_auth),
                 )
             )
             try:

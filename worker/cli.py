@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import asyncpg
 import structlog
 
 from worker import __version__, cli_ops, db, logs
@@ -110,8 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in cli_ops.COMMANDS:
                 return _operate(args, settings, endpoints)
             if args.command == "migrate":
-                asyncio.run(migrate(endpoints.database_url))
-                return EXIT_OK
+                return _migrate(settings, endpoints)
             if args.command == "accounts":
                 return asyncio.run(_accounts(endpoints.database_url, args))
             return _run(settings, endpoints)
@@ -176,6 +176,15 @@ def _operate(args: argparse.Namespace, settings: Settings, endpoints: Endpoints)
         return asyncio.run(cli_ops.dispatch(args, settings, endpoints))
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _migrate(settings: Settings, endpoints: Endpoints) -> int:
+    try:
+        asyncio.run(migrate(endpoints.database_url, runtime_role=settings.database_runtime_role))
+    except (db.MigrationsPending, db.NoSuchRole, asyncpg.PostgresError) as err:
+        print(f"hub-worker: migrate failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 async def _accounts(database_url: str, args: argparse.Namespace) -> int:

@@ -42,8 +42,9 @@ from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
 from worker import db
+from worker.bus import connect_options
 from worker.client import AlertEvent, Spoke, publishable_headers, subscribe
-from worker.config import ConfigError, Settings
+from worker.config import ConfigError, NatsAuth, Settings
 from worker.domain import LIFECYCLES, DeadLetterReason
 from worker.events import (
     DetectionEscalatedEvent,
@@ -499,7 +500,9 @@ async def _ignore_error(err: Exception) -> None:
 
 
 @asynccontextmanager
-async def _nats(endpoints: Endpoints, *, follow: bool = False) -> AsyncIterator[NATS]:
+async def _nats(
+    endpoints: Endpoints, auth: NatsAuth, *, follow: bool = False
+) -> AsyncIterator[NATS]:
     """A NATS connection that fails fast when the server is not there.
 
     `follow`: once connected, reconnect for as long as it takes (a long-running command
@@ -514,6 +517,7 @@ async def _nats(endpoints: Endpoints, *, follow: bool = False) -> AsyncIterator[
             reconnect_time_wait=1,
             max_reconnect_attempts=1,
             error_cb=_ignore_error,
+            **connect_options(auth),
         )
     except (TimeoutError, nats.errors.Error, OSError) as err:
         where = ", ".join(_redact(u) for u in urls)
@@ -572,7 +576,7 @@ async def _publish(args: argparse.Namespace, settings: Settings, endpoints: Endp
         "event_id": args.event_id,
         "occurred_at": args.occurred_at,
     }
-    async with _nats(endpoints) as nc:
+    async with _nats(endpoints, settings.nats_auth) as nc:
         try:
             spoke = Spoke(nc, args.spoke, settings.subject_prefix)
             event: LifecycleEvent | SpawnedEvent | EndedEvent | SignalEvent
@@ -701,7 +705,7 @@ async def _alerts(args: argparse.Namespace, settings: Settings, endpoints: Endpo
     shown = 0
     with _stop_on_signals() as received:
         try:
-            async with _nats(endpoints, follow=True) as nc:
+            async with _nats(endpoints, settings.nats_auth, follow=True) as nc:
                 js = nc.jetstream()
                 try:
                     await js.stream_info(settings.out_stream)
@@ -808,7 +812,7 @@ async def _resolve(args: argparse.Namespace, settings: Settings, endpoints: Endp
         {"detectionId": args.detection_id, "resolvedBy": args.by, "resolution": args.resolution}
     ).encode()
     timed_out = False
-    async with _nats(endpoints) as nc:
+    async with _nats(endpoints, settings.nats_auth) as nc:
         for attempt in range(1, RESOLVE_ATTEMPTS + 1):
             try:
                 msg = await nc.request(subject, body, timeout=RESOLVE_TIMEOUT_SECONDS)
@@ -904,7 +908,7 @@ async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpo
         letters = {letter.id: letter for letter in await db.dead_letters_by_id(conn, ids)}
         missing = [i for i in ids if i not in letters]
         if letters:
-            async with _nats(endpoints) as nc:
+            async with _nats(endpoints, settings.nats_auth) as nc:
                 js = nc.jetstream()
                 for letter in letters.values():
                     msg_id = str(uuid4())

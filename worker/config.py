@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from worker.constants import MAX_ACK_PENDING
 
@@ -28,9 +29,40 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class NatsAuth:
+    """How to authenticate to NATS and whether to use TLS; secrets stay out of reprs.
+
+    At most one of user/password, token, NKey seed file and credentials file.
+    The files are read by nats-py when it connects, so a rotated creds file is
+    picked up on the next reconnect.
+    """
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    nkey_seed_file: Path | None = None
+    creds_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Replies (publish acks, fetches, requests) arrive under this prefix; a
+    # per-user prefix lets the server keep each user's replies to itself.
+    inbox_prefix: str = "_INBOX"
+
+    @property
+    def tls(self) -> bool:
+        return any((self.tls_ca_file, self.tls_cert_file, self.tls_key_file))
+
+
+@dataclass(frozen=True)
 class Settings:
     nats_urls: tuple[str, ...] | None = None
-    database_url: str | None = None
+    # May carry a password (given in the URL or merged in from
+    # HUB_DATABASE_PASSWORD[_FILE]): never printed.
+    database_url: str | None = field(default=None, repr=False)
+    # The role `hub-worker migrate` grants the runtime rights to (sql/grants.sql).
+    database_runtime_role: str | None = None
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
     data_dir: Path = field(default_factory=lambda: Path(".hub"))
     subject_prefix: str = "hub"
     stall_after_seconds: int = 600
@@ -91,11 +123,57 @@ class Settings:
                         f"HUB_NATS_URL must be URLs like nats://host:4222, got {url!r}"
                     )
 
+        def secret(name: str) -> str | None:
+            """NAME from the environment, or the contents of the file NAME_FILE names."""
+            value, path = text(name), existing_file(f"{name}_FILE")
+            if value is not None and path is not None:
+                raise ConfigError(f"set {name} or {name}_FILE, not both")
+            if path is None:
+                return value
+            try:
+                # A trailing newline is how editors and `echo` end a file, not
+                # part of the secret.
+                contents = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(
+                    f"{name}_FILE: cannot read {path} ({type(err).__name__})"
+                ) from None
+            if not contents:
+                raise ConfigError(f"{name}_FILE: {path} is empty")
+            return contents
+
+        def existing_file(name: str) -> Path | None:
+            raw = text(name)
+            if raw is None:
+                return None
+            path = Path(raw)
+            if not path.is_file():
+                raise ConfigError(f"{name}: no such file {raw!r}")
+            return path
+
         database_url = text("HUB_DATABASE_URL")
         if database_url is not None and not database_url.startswith(
             ("postgres://", "postgresql://")
         ):
             raise ConfigError("HUB_DATABASE_URL must be a postgresql:// DSN")
+        database_password = secret("HUB_DATABASE_PASSWORD")
+        if database_password is not None:
+            if database_url is None:
+                raise ConfigError("HUB_DATABASE_PASSWORD needs HUB_DATABASE_URL")
+            database_url = with_password(database_url, database_password)
+
+        nats_auth = NatsAuth(
+            user=text("HUB_NATS_USER"),
+            password=secret("HUB_NATS_PASSWORD"),
+            token=secret("HUB_NATS_TOKEN"),
+            nkey_seed_file=existing_file("HUB_NATS_NKEY_SEED_FILE"),
+            creds_file=existing_file("HUB_NATS_CREDS_FILE"),
+            tls_ca_file=existing_file("HUB_NATS_TLS_CA_FILE"),
+            tls_cert_file=existing_file("HUB_NATS_TLS_CERT_FILE"),
+            tls_key_file=existing_file("HUB_NATS_TLS_KEY_FILE"),
+            inbox_prefix=text("HUB_NATS_INBOX_PREFIX") or "_INBOX",
+        )
+        _check_nats_auth(nats_auth)
 
         prefix = text("HUB_SUBJECT_PREFIX") or "hub"
         if not _PREFIX_RE.match(prefix):
@@ -121,6 +199,8 @@ class Settings:
         return cls(
             nats_urls=nats_urls,
             database_url=database_url,
+            database_runtime_role=text("HUB_DATABASE_RUNTIME_ROLE"),
+            nats_auth=nats_auth,
             data_dir=Path(text("HUB_DATA_DIR") or ".hub"),
             subject_prefix=prefix,
             stall_after_seconds=positive_int("HUB_STALL_AFTER_SECONDS", 600),
@@ -132,4 +212,45 @@ class Settings:
             stream_replicas=positive_int("HUB_STREAM_REPLICAS", 1, maximum=5),
             shutdown_grace_seconds=positive_int("HUB_SHUTDOWN_GRACE_SECONDS", 20),
             batch_max=positive_int("HUB_BATCH_MAX", 200, maximum=MAX_ACK_PENDING),
+        )
+
+
+def with_password(dsn: str, password: str) -> str:
+    """The DSN with `password` as its password; one given in the DSN as well is an error."""
+    parts = urlsplit(dsn)
+    if parts.password is not None:
+        raise ConfigError(
+            "HUB_DATABASE_URL carries a password and HUB_DATABASE_PASSWORD[_FILE] is set: keep one"
+        )
+    # A DSN with a host list or no host at all has no netloc to put it in.
+    if not parts.hostname:
+        raise ConfigError("HUB_DATABASE_PASSWORD needs a HUB_DATABASE_URL with user@host")
+    user, _, host = parts.netloc.rpartition("@")
+    if not user:
+        raise ConfigError("HUB_DATABASE_PASSWORD needs a user in HUB_DATABASE_URL")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _check_nats_auth(auth: NatsAuth) -> None:
+    ways = [
+        name
+        for name, given in (
+            ("HUB_NATS_USER", auth.user is not None or auth.password is not None),
+            ("HUB_NATS_TOKEN[_FILE]", auth.token is not None),
+            ("HUB_NATS_NKEY_SEED_FILE", auth.nkey_seed_file is not None),
+            ("HUB_NATS_CREDS_FILE", auth.creds_file is not None),
+        )
+        if given
+    ]
+    if len(ways) > 1:
+        raise ConfigError(f"choose one way to authenticate to NATS, got {' and '.join(ways)}")
+    if (auth.user is None) != (auth.password is None):
+        raise ConfigError("HUB_NATS_USER and HUB_NATS_PASSWORD[_FILE] go together")
+    if auth.tls_key_file is not None and auth.tls_cert_file is None:
+        raise ConfigError("HUB_NATS_TLS_KEY_FILE needs HUB_NATS_TLS_CERT_FILE")
+    if not _PREFIX_RE.match(auth.inbox_prefix):
+        raise ConfigError(
+            "HUB_NATS_INBOX_PREFIX must be dot-separated tokens of [A-Za-z0-9_-], "
+            f"got {auth.inbox_prefix!r}"
         )

@@ -40,6 +40,15 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # Refused at connect time: a rotated password, a pg_hba.conf or a database
+    # being fixed, connection slots taken. Waited out like an outage, so the
+    # worker resumes when the operator has fixed it, without a restart.
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.TooManyConnectionsError,
+    # A role without the grants it needs (sql/grants.sql): the deployment is at
+    # fault, not the message, so it is waited for rather than dead-lettered.
+    asyncpg.InsufficientPrivilegeError,
     ConnectionError,
     OSError,
     TimeoutError,
@@ -107,6 +116,9 @@ class Queries:
     create_migrations_table: str
     applied_migrations: str
     record_migration: str
+    migrations_table_exists: str
+    role_exists: str
+    quote_ident: str
     # operations.sql
     list_detections: str
     list_dead_letters: str
@@ -197,19 +209,35 @@ def migration_files() -> list[tuple[str, Path]]:
     return found
 
 
+class MigrationsPending(Exception):
+    """Migrations are pending and this role may not apply them (the runtime role)."""
+
+
+class NoSuchRole(Exception):
+    """HUB_DATABASE_RUNTIME_ROLE names a role the cluster does not have."""
+
+
 async def migrate(conn: Connection) -> list[str]:
     """Apply pending migrations in order, one transaction each; returns those applied.
 
     The advisory lock makes concurrent `hub-worker migrate` runs wait for each
-    other instead of racing to create the same tables.
+    other instead of racing to create the same tables. With nothing pending it
+    changes nothing, so a role with only the runtime grants passes through;
+    with something pending such a role gets MigrationsPending.
     """
     q = queries()
+    files = migration_files()
+    applied: set[str] = set()
+    if await conn.fetchval(q.migrations_table_exists):
+        applied = {r["version"] for r in await conn.fetch(q.applied_migrations)}
+        if all(version in applied for version, _ in files):
+            return []
     await conn.execute(q.lock_migrations, *_MIGRATION_LOCK)
     try:
         await conn.execute(q.create_migrations_table)
         applied = {r["version"] for r in await conn.fetch(q.applied_migrations)}
         done = []
-        for version, path in migration_files():
+        for version, path in files:
             if version in applied:
                 continue
             async with conn.transaction():
@@ -217,8 +245,29 @@ async def migrate(conn: Connection) -> list[str]:
                 await conn.execute(q.record_migration, version, path.name)
             done.append(path.name)
         return done
+    except asyncpg.InsufficientPrivilegeError as err:
+        pending = len(files) - len(applied)
+        raise MigrationsPending(
+            f"{pending} migration(s) pending and this role may not apply them ({err}): "
+            "run `hub-worker migrate` with the owner role"
+        ) from None
     finally:
         await conn.execute(q.unlock_migrations, *_MIGRATION_LOCK)
+
+
+async def grant_runtime(conn: Connection, role: str) -> None:
+    """Give `role` the rights of `hub-worker run` (sql/grants.sql), in one transaction."""
+    q = queries()
+    if not await conn.fetchval(q.role_exists, role):
+        raise NoSuchRole(
+            f"HUB_DATABASE_RUNTIME_ROLE: no role {role!r}: create it first "
+            "(CREATE ROLE … LOGIN PASSWORD …)"
+        )
+    # The file is written for psql (`-v runtime_role=…`); the same substitution here.
+    quoted = await conn.fetchval(q.quote_ident, role)
+    script = (sql_dir() / "grants.sql").read_text(encoding="utf-8")
+    async with conn.transaction():
+        await conn.execute(script.replace(':"runtime_role"', quoted))
 
 
 # --- outbox and dead letters -----------------------------------------------

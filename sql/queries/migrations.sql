@@ -19,3 +19,13 @@ SELECT version FROM schema_migrations;
 
 -- name: record_migration
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: migrations_table_exists
+-- Lets a role without CREATE rights see that nothing is pending before it tries anything.
+SELECT to_regclass('schema_migrations') IS NOT NULL;
+
+-- name: role_exists
+SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1);
+
+-- name: quote_ident
+SELECT quote_ident($1);
