@@ -236,10 +236,16 @@ def test_worker_is_configured_for_the_stack(services: dict[str, dict[str, Any]])
     worker = services["worker"]
     env = environment(worker)
     assert env["HUB_NATS_URL"] == "nats://nats:4222"
-    assert env["HUB_DATABASE_URL"] == (
-        "postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}"
+    # The worker runs as the runtime role, the migration as the owner, which grants
+    # the runtime role its rows; passwords stay out of the URLs.
+    assert env["HUB_DATABASE_URL"] == "postgresql://${RUNTIME_DB_USER}@postgres:5432/${POSTGRES_DB}"
+    assert env["HUB_DATABASE_PASSWORD"] == "${RUNTIME_DB_PASSWORD}"
+    migrate = environment(services["migrate"])
+    assert (
+        migrate["HUB_DATABASE_URL"] == "postgresql://${POSTGRES_USER}@postgres:5432/${POSTGRES_DB}"
     )
-    assert env["HUB_DATABASE_URL"] == environment(services["migrate"])["HUB_DATABASE_URL"]
+    assert migrate["HUB_DATABASE_PASSWORD"] == "${POSTGRES_PASSWORD}"
+    assert migrate["HUB_DATABASE_RUNTIME_ROLE"] == "${RUNTIME_DB_USER}"
     assert "HUB_SUBJECT_PREFIX" in env
     assert env["HUB_LOG_FORMAT"] == "json"
     assert env["HUB_HTTP_ADDR"] == "0.0.0.0:9464"
@@ -248,6 +254,28 @@ def test_worker_is_configured_for_the_stack(services: dict[str, dict[str, Any]])
     code = python_code(test)
     compile(code, "worker healthcheck", "exec")
     assert "http://127.0.0.1:9464/healthz" in code
+
+
+def test_postgres_creates_the_runtime_role_on_first_start(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    postgres = services["postgres"]
+    env = environment(postgres)
+    for name in ("RUNTIME_DB_USER", "RUNTIME_DB_PASSWORD"):
+        assert re.fullmatch(rf"\$\{{{name}:?\?[^}}]*\}}", env[name]), env[name]
+    [init] = [m for m in postgres["volumes"] if isinstance(m, dict)]
+    assert init["target"] == "/docker-entrypoint-initdb.d"
+    assert init["read_only"] is True
+    scripts = sorted((COMPOSE_FILE.parent / init["source"]).iterdir())
+    assert [p.name for p in scripts] == ["10-runtime-role.sh"]
+    script = scripts[0]
+    # The image runs executable scripts and sources the others; either way sh must parse it.
+    assert os.access(script, os.X_OK)
+    subprocess.run(["sh", "-n", str(script)], check=True)
+    text = script.read_text(encoding="utf-8")
+    assert '--set role="$RUNTIME_DB_USER"' in text
+    assert '--set password="$RUNTIME_DB_PASSWORD"' in text
+    assert """CREATE ROLE :"role" LOGIN PASSWORD :'password';""" in text
 
 
 def test_published_ports_listen_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
@@ -326,8 +354,8 @@ def test_env_example_values_are_local_development_ones(env_example: dict[str, st
     assert env_example["POSTGRES_DB"] == "hub"
     assert env_example["HUB_SUBJECT_PREFIX"] == "hub"
     assert "local" in env_example["POSTGRES_PASSWORD"]
-    # It is also part of a URL (HUB_DATABASE_URL).
-    assert re.fullmatch(r"[A-Za-z0-9._~-]+", env_example["POSTGRES_PASSWORD"])
+    assert "local" in env_example["RUNTIME_DB_PASSWORD"]
+    assert env_example["RUNTIME_DB_USER"] != env_example["POSTGRES_USER"]
 
 
 def test_the_real_env_file_stays_private() -> None:

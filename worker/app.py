@@ -183,6 +183,7 @@ class Worker:
             duty("sweep", SWEEP_LEADER, self.sweep.duty),
             duty("maintenance", MAINTENANCE_LEADER, janitor.duty),
             asyncio.create_task(self._sample(all_lanes, duties_stopping), name="sampler"),
+            asyncio.create_task(bus.until_unusable(duties_stopping), name="nats"),
         }
         log.info(
             "worker.started",
@@ -217,7 +218,10 @@ class Worker:
         await pool.close()
         for task in failed:
             error = task.exception() if not task.cancelled() else None
-            raise RuntimeError(f"worker task {task.get_name()} stopped unexpectedly") from error
+            because = f": {type(error).__name__}: {error}" if error is not None else ""
+            raise RuntimeError(
+                f"worker task {task.get_name()} stopped unexpectedly{because}"
+            ) from error
         log.info("worker.stopped", action="worker.stop")
 
     def liveness(self) -> Checks:
@@ -287,6 +291,7 @@ class Worker:
                     await bus.ensure_consumer(lane)
                 return partitions
             except Exception as err:  # JetStream not ready yet, or NATS away
+                bus.raise_if_unusable()
                 if attempt >= 30:
                     raise
                 delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)

@@ -89,6 +89,14 @@ class Stopped(Exception):
     """A stop was asked for while waiting for a server to answer."""
 
 
+class ConnectionUnusable(Exception):
+    """NATS refused the worker a permission, or closed the connection for good.
+
+    Waiting does not mend either: the server's configuration must change, so the
+    worker stops with the server's reason for its supervisor to report.
+    """
+
+
 # Errors that mean "NATS is not answering right now": wait and try again.
 NATS_ERRORS: tuple[type[Exception], ...] = (
     nats.errors.Error,
@@ -132,8 +140,9 @@ def lanes(prefix: str, partitions: int) -> list[Lane]:
 class Bus:
     """A NATS connection with JetStream, reconnecting forever on its own."""
 
-    def __init__(self, nc: NATS, settings: Settings) -> None:
+    def __init__(self, nc: NATS, settings: Settings, unusable: Unusable | None = None) -> None:
         self.nc = nc
+        self._unusable = unusable or Unusable()
         self.js = nc.jetstream(timeout=PUBLISH_ACK_TIMEOUT_SECONDS)
         self.settings = settings
         # Acks of publish_window, matched by the last token of their inbox.
@@ -157,6 +166,8 @@ class Bus:
         attempt = 0
         while True:
             attempt += 1
+            # Per attempt: a failed attempt's connection may report itself closed.
+            unusable = Unusable()
             connecting = asyncio.ensure_future(
                 nats.connect(
                     servers=urls,
@@ -165,9 +176,10 @@ class Bus:
                     reconnect_time_wait=1,
                     connect_timeout=5,
                     allow_reconnect=True,
-                    error_cb=_log_error,
+                    error_cb=unusable.on_error,
                     disconnected_cb=_log_disconnected,
                     reconnected_cb=_log_reconnected,
+                    closed_cb=unusable.on_closed,
                     **connect_options(settings.nats_auth),
                 )
             )
@@ -196,7 +208,7 @@ class Bus:
                         await connecting
                     raise Stopped
                 nc = await connecting
-                return cls(nc, settings)
+                return cls(nc, settings, unusable)
             except NATS_ERRORS as err:
                 delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
                 log.warning(
@@ -439,6 +451,22 @@ class Bus:
         else:
             future.set_result(None)
 
+    def raise_if_unusable(self) -> None:
+        if self._unusable.reason is not None:
+            raise ConnectionUnusable(self._unusable.reason)
+
+    async def until_unusable(self, stopping: asyncio.Event) -> None:
+        """Return when `stopping` is set; raise ConnectionUnusable if that comes first."""
+        unusable = asyncio.ensure_future(self._unusable.event.wait())
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait({unusable, stop}, return_when="FIRST_COMPLETED")
+        finally:
+            unusable.cancel()
+            stop.cancel()
+        if not stopping.is_set():
+            self.raise_if_unusable()
+
     async def close(self) -> None:
         if self.nc.is_closed:
             return
@@ -448,8 +476,33 @@ class Bus:
             await self.nc.close()
 
 
-async def _log_error(err: Exception) -> None:
-    log.warning("nats.error", action="nats.error", error=str(err) or type(err).__name__)
+class Unusable:
+    """Notices what makes a connection unusable for good; other errors are logged only.
+
+    A refused permission does not close the connection (nats-py reports it to
+    error_cb), but what needed it (a subscription, the replies to requests)
+    never works, and retrying would hide the cause behind timeouts.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason: str | None = None
+
+    async def on_error(self, err: Exception) -> None:
+        message = str(err) or type(err).__name__
+        if "permissions violation" in message.lower():
+            log.error("nats.permission_denied", action="nats.error", error=message)
+            self._set(f"NATS refused a permission: {message}")
+        else:
+            log.warning("nats.error", action="nats.error", error=message)
+
+    async def on_closed(self) -> None:
+        self._set("NATS closed the connection")
+
+    def _set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.event.set()
 
 
 async def _log_disconnected() -> None:

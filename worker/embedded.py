@@ -59,12 +59,19 @@ class EmbeddedNats:
     """A `nats-server -js` child process on 127.0.0.1."""
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        config: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         # E.g. the cluster options of one server of a test cluster.
         self.extra_args = extra_args or []
+        # A server configuration file (deploy/nats-server.conf): it then owns
+        # JetStream and its store directory; this keeps the address and port.
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,13 +84,15 @@ class EmbeddedNats:
         self.process = subprocess.Popen(
             [
                 str(nats_server_binary()),
-                "--jetstream",
+                *(
+                    ["--config", str(self.config)]
+                    if self.config is not None
+                    else ["--jetstream", "--store_dir", str(self.data_dir)]
+                ),
                 "--addr",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--store_dir",
-                str(self.data_dir),
                 *self.extra_args,
             ],
             stdout=log_file,

@@ -40,7 +40,7 @@ import trustme
 from tests.support import open_hub
 from worker import app, db
 from worker.config import Settings, with_password
-from worker.embedded import EmbeddedPostgres
+from worker.embedded import EmbeddedPostgres, postgres_bin_dir
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +50,8 @@ PG_HBA = """\
 host  all  postgres  127.0.0.1/32  trust
 host  all  all       127.0.0.1/32  scram-sha-256
 """
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The first message of a client that wants TLS (PostgreSQL protocol, "SSLRequest").
 SSL_REQUEST_CODE = 80877103
@@ -442,3 +444,55 @@ async def test_worker_waits_out_a_refused_password_and_never_prints_it(
     assert '"event": "database.unreachable"' in text
     assert "password authentication failed" in text
     assert wrong not in text
+
+
+async def test_compose_init_script_and_psql_grants_work_as_documented(
+    secured_hub: Hub, tmp_path: Path
+) -> None:
+    """deploy/postgres-init creates a login role; `psql -v runtime_role=… -f sql/grants.sql`
+    grants it the runtime rights, as sql/grants.sql and deploy/README.md say."""
+    hub = secured_hub
+    code, output = await run_cli("migrate", env=hub.env(hub.owner), cwd=tmp_path)
+    assert code == 0, output
+    role, password = f"hub_compose_{uuid4().hex[:8]}", f"pw-{uuid4().hex}"
+    psql_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
+        "PATH": f"{postgres_bin_dir()}{os.pathsep}{os.environ['PATH']}",
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(hub.server.port),
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_DB": hub.database,
+        "RUNTIME_DB_USER": role,
+        "RUNTIME_DB_PASSWORD": password,
+    }
+    try:
+        for command in (
+            ["sh", str(ROOT / "deploy" / "postgres-init" / "10-runtime-role.sh")],
+            # As the owner would run it by hand (here the superuser, trusted on loopback).
+            [
+                *("psql", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", hub.database),
+                *("-v", f"runtime_role={role}", "-f", str(ROOT / "sql" / "grants.sql")),
+            ],
+        ):
+            done = await asyncio.create_subprocess_exec(
+                *command,
+                env=psql_env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await done.communicate()
+            assert done.returncode == 0, out.decode()
+            assert password not in out.decode()
+        conn = await db.connect(with_password(hub.dsn(role), password))
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("DELETE FROM sessions")
+        finally:
+            await conn.close()
+    finally:
+        admin = await asyncpg.connect(hub.admin_dsn())
+        try:
+            await admin.execute(f"DROP OWNED BY {role}")
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await admin.close()
