@@ -140,9 +140,9 @@ def lanes(prefix: str, partitions: int) -> list[Lane]:
 class Bus:
     """A NATS connection with JetStream, reconnecting forever on its own."""
 
-    def __init__(self, nc: NATS, settings: Settings, unusable: Unusable | None = None) -> None:
+    def __init__(self, nc: NATS, settings: Settings, watch: ConnectionWatch | None = None) -> None:
         self.nc = nc
-        self._unusable = unusable or Unusable()
+        self._watch = watch or ConnectionWatch()
         self.js = nc.jetstream(timeout=PUBLISH_ACK_TIMEOUT_SECONDS)
         self.settings = settings
         # Acks of publish_window, matched by the last token of their inbox.
@@ -167,7 +167,7 @@ class Bus:
         while True:
             attempt += 1
             # Per attempt: a failed attempt's connection may report itself closed.
-            unusable = Unusable()
+            watch = ConnectionWatch()
             connecting = asyncio.ensure_future(
                 nats.connect(
                     servers=urls,
@@ -176,10 +176,10 @@ class Bus:
                     reconnect_time_wait=1,
                     connect_timeout=5,
                     allow_reconnect=True,
-                    error_cb=unusable.on_error,
+                    error_cb=watch.on_error,
                     disconnected_cb=_log_disconnected,
                     reconnected_cb=_log_reconnected,
-                    closed_cb=unusable.on_closed,
+                    closed_cb=watch.on_closed,
                     **connect_options(settings.nats_auth),
                 )
             )
@@ -198,8 +198,15 @@ class Bus:
                     )
                     waited += CONNECT_NOTICE_SECONDS
                     if not connecting.done() and not stop.done():
+                        # A server that answers "Authorization Violation" is not
+                        # unreachable: say which, so the operator looks at credentials.
+                        last = watch.last_error
+                        refused = last is not None and "authorization" in last.lower()
                         log.warning(
-                            "nats.unreachable", action="nats.connect", waited_seconds=waited
+                            "nats.refused" if refused else "nats.unreachable",
+                            action="nats.connect",
+                            waited_seconds=waited,
+                            last_error=last,
                         )
                 stop.cancel()
                 if not connecting.done():
@@ -208,7 +215,7 @@ class Bus:
                         await connecting
                     raise Stopped
                 nc = await connecting
-                return cls(nc, settings, unusable)
+                return cls(nc, settings, watch)
             except NATS_ERRORS as err:
                 delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
                 log.warning(
@@ -452,12 +459,12 @@ class Bus:
             future.set_result(None)
 
     def raise_if_unusable(self) -> None:
-        if self._unusable.reason is not None:
-            raise ConnectionUnusable(self._unusable.reason)
+        if self._watch.reason is not None:
+            raise ConnectionUnusable(self._watch.reason)
 
     async def until_unusable(self, stopping: asyncio.Event) -> None:
         """Return when `stopping` is set; raise ConnectionUnusable if that comes first."""
-        unusable = asyncio.ensure_future(self._unusable.event.wait())
+        unusable = asyncio.ensure_future(self._watch.event.wait())
         stop = asyncio.ensure_future(stopping.wait())
         try:
             await asyncio.wait({unusable, stop}, return_when="FIRST_COMPLETED")
@@ -476,8 +483,8 @@ class Bus:
             await self.nc.close()
 
 
-class Unusable:
-    """Notices what makes a connection unusable for good; other errors are logged only.
+class ConnectionWatch:
+    """Logs what nats-py reports about a connection and notices what makes it unusable.
 
     A refused permission does not close the connection (nats-py reports it to
     error_cb), but what needed it (a subscription, the replies to requests)
@@ -487,9 +494,11 @@ class Unusable:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.reason: str | None = None
+        self.last_error: str | None = None
 
     async def on_error(self, err: Exception) -> None:
         message = str(err) or type(err).__name__
+        self.last_error = message
         if "permissions violation" in message.lower():
             log.error("nats.permission_denied", action="nats.error", error=message)
             self._set(f"NATS refused a permission: {message}")

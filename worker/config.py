@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import nkeys  # type: ignore[import-untyped]
+
 from worker.constants import MAX_ACK_PENDING
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -33,8 +35,8 @@ class NatsAuth:
     """How to authenticate to NATS and whether to use TLS; secrets stay out of reprs.
 
     At most one of user/password, token, NKey seed file and credentials file.
-    The files are read by nats-py when it connects, so a rotated creds file is
-    picked up on the next reconnect.
+    Passwords, tokens and the NKey seed are read once at start; nats-py reads a
+    credentials file at every (re)connect, so a rotated one is picked up then.
     """
 
     user: str | None = None
@@ -124,8 +126,12 @@ class Settings:
                     )
 
         def secret(name: str) -> str | None:
-            """NAME from the environment, or the contents of the file NAME_FILE names."""
-            value, path = text(name), existing_file(f"{name}_FILE")
+            """NAME from the environment, or the contents of the file NAME_FILE names.
+
+            Taken as given (no stripping: a space may be part of a password); a
+            file loses only the line ending an editor or `echo` put there.
+            """
+            value, path = env.get(name) or None, existing_file(f"{name}_FILE")
             if value is not None and path is not None:
                 raise ConfigError(f"set {name} or {name}_FILE, not both")
             if path is None:
@@ -166,8 +172,8 @@ class Settings:
             user=text("HUB_NATS_USER"),
             password=secret("HUB_NATS_PASSWORD"),
             token=secret("HUB_NATS_TOKEN"),
-            nkey_seed_file=existing_file("HUB_NATS_NKEY_SEED_FILE"),
-            creds_file=existing_file("HUB_NATS_CREDS_FILE"),
+            nkey_seed_file=nkey_seed_file(existing_file("HUB_NATS_NKEY_SEED_FILE")),
+            creds_file=creds_file(existing_file("HUB_NATS_CREDS_FILE")),
             tls_ca_file=existing_file("HUB_NATS_TLS_CA_FILE"),
             tls_cert_file=existing_file("HUB_NATS_TLS_CERT_FILE"),
             tls_key_file=existing_file("HUB_NATS_TLS_KEY_FILE"),
@@ -230,6 +236,51 @@ def with_password(dsn: str, password: str) -> str:
         raise ConfigError("HUB_DATABASE_PASSWORD needs a user in HUB_DATABASE_URL")
     netloc = f"{user}:{quote(password, safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_CREDS_BLOCK_RE = re.compile(
+    r"-{3,}BEGIN (?P<what>NATS USER JWT|USER NKEY SEED)-{3,}\s*\n\s*(?P<body>\S+)\s*\n"
+    r"\s*-{3,}END (?P=what)-{3,}"
+)
+
+
+def nkey_seed_file(path: Path | None) -> Path | None:
+    """The file, once its contents are a user NKey seed (nats-py would fail later, obscurely)."""
+    if path is not None:
+        _check_seed("HUB_NATS_NKEY_SEED_FILE", path, _read("HUB_NATS_NKEY_SEED_FILE", path))
+    return path
+
+
+def creds_file(path: Path | None) -> Path | None:
+    """The file, once it holds a JWT block and a seed block (nats-py hangs on a file
+    without the JWT and fails obscurely without the seed)."""
+    if path is None:
+        return None
+    blocks = {
+        m["what"]: m["body"] for m in _CREDS_BLOCK_RE.finditer(_read("HUB_NATS_CREDS_FILE", path))
+    }
+    for what in ("NATS USER JWT", "USER NKEY SEED"):
+        if what not in blocks:
+            raise ConfigError(f"HUB_NATS_CREDS_FILE: {path} has no {what} block")
+    _check_seed("HUB_NATS_CREDS_FILE", path, blocks["USER NKEY SEED"])
+    return path
+
+
+def _read(name: str, path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{name}: cannot read {path} ({type(err).__name__})") from None
+
+
+def _check_seed(name: str, path: Path, seed: str) -> None:
+    # Never the seed itself in the message: it is the private key.
+    try:
+        nkeys.from_seed(seed.strip().encode()).public_key  # noqa: B018
+    except Exception:
+        raise ConfigError(f"{name}: {path} does not hold a valid NKey seed") from None
+    if not seed.strip().startswith("SU"):
+        raise ConfigError(f"{name}: {path} holds an NKey seed, but not a user's (SU…)")
 
 
 def _check_nats_auth(auth: NatsAuth) -> None:
