@@ -203,6 +203,13 @@ async def _accounts(database_url: str, args: argparse.Namespace) -> int:
         else:
             for account in await db.list_accounts(conn):
                 print(f"{account.id}\t{account.name or ''}\t{account.created_at.isoformat()}")
+    except asyncpg.InsufficientPrivilegeError as err:
+        # The runtime role may read accounts, not write them (sql/grants.sql).
+        print(f"hub-worker: {err}: manage accounts with the owner role", file=sys.stderr)
+        return EXIT_FAILURE
+    except db.MigrationsPending as err:
+        print(f"hub-worker: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         await conn.close()
     return EXIT_OK

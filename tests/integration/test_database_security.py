@@ -357,9 +357,18 @@ async def test_runtime_role_may_not_change_the_schema_or_delete_coordination_row
     finally:
         await conn.close()
 
-    # `migrate` as the runtime role fails with a message that says what to do.
     code, output = await run_cli("migrate", env=hub.env(hub.runtime), cwd=tmp_path)
     assert code == 0, output  # nothing pending: nothing to refuse
+
+    # Accounts are the owner's to manage; the runtime role only reads them.
+    code, output = await run_cli("accounts", "add", "ops", env=hub.env(hub.runtime), cwd=tmp_path)
+    assert code == 1
+    assert "manage accounts with the owner role" in output
+    code, output = await run_cli("accounts", "add", "ops", env=hub.env(hub.owner), cwd=tmp_path)
+    assert code == 0, output
+    code, output = await run_cli("accounts", "list", env=hub.env(hub.runtime), cwd=tmp_path)
+    assert code == 0, output
+    assert output.startswith("ops\t")
 
     code, output = await run_cli(
         "migrate", env=hub.env(hub.owner) | {"HUB_DATABASE_RUNTIME_ROLE": "nobody"}, cwd=tmp_path

@@ -87,3 +87,21 @@ def test_migrations_are_found_in_order_starting_with_0001() -> None:
         assert path.is_file()
         assert path.suffix == ".sql"
         assert path.name.startswith(f"{version}_")
+
+
+def test_every_table_has_its_runtime_grant_decided() -> None:
+    """A new table needs a line in sql/grants.sql, or the runtime role cannot touch it
+    (and the worker waits on the missing grant instead of working)."""
+    created = {
+        m.group(1)
+        for _, path in db.migration_files()
+        for m in re.finditer(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", path.read_text())
+    }
+    grants = (db.sql_dir() / "grants.sql").read_text()
+    granted = {
+        table.strip()
+        for m in re.finditer(r"^GRANT [A-Z, ]+ ON (?!SCHEMA)([\w, ]+) TO", grants, re.MULTILINE)
+        for table in m.group(1).split(",")
+    }
+    assert created
+    assert created | {"schema_migrations"} == granted
