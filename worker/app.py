@@ -244,8 +244,13 @@ class Worker:
         else:
             try:
                 async with asyncio.timeout(READINESS_QUERY_SECONDS):
-                    await self.pool.fetchval("SELECT 1")
-                checks["postgres"] = "ok"
+                    writable = await db.writable(self.pool)
+                checks["postgres"] = "ok" if writable else "read-only (a standby?)"
+                if not writable:
+                    # Connections made before a failover stay on the old server:
+                    # the next probe and command get fresh ones, which may reach
+                    # the new primary.
+                    await self.pool.expire_connections()
             except _PROBE_ERRORS as err:
                 checks["postgres"] = f"unreachable: {type(err).__name__}"
         return checks

@@ -49,6 +49,9 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     # A role without the grants it needs (sql/grants.sql): the deployment is at
     # fault, not the message, so it is waited for rather than dead-lettered.
     asyncpg.InsufficientPrivilegeError,
+    # A standby, or a primary demoted in a failover: reconnecting finds the new
+    # primary (`target_session_attrs=read-write` in a DSN that lists every host).
+    asyncpg.ReadOnlySQLTransactionError,
     ConnectionError,
     OSError,
     TimeoutError,
@@ -83,6 +86,7 @@ class Queries:
     unlock: str
     held_locks: str
     purge_ledger: str
+    writable: str
     # sweep.sql
     claim_schedule: str
     stalled_sessions: str
@@ -194,6 +198,11 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> Pool:
         timeout=10,
     )
     return pool
+
+
+async def writable(conn: Connection | Pool) -> bool:
+    """Whether this database takes writes: not a standby, not read-only by default."""
+    return bool(await conn.fetchval(queries().writable))
 
 
 # --- migrations ------------------------------------------------------------

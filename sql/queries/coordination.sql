@@ -23,3 +23,8 @@ WHERE event_id IN (
     WHERE processed_at < now() - make_interval(secs => $1)
     LIMIT $2
 );
+
+-- name: writable
+-- Readiness: a standby (or a database set to default_transaction_read_only) answers
+-- but cannot take a single event.
+SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off';

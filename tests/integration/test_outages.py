@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_workers import assert_tables_match, publish_all
-from tests.support import open_hub
+from tests.support import Hub, open_hub, wait_until
 from tests.workload import expect, generate
 from worker import db
 from worker.config import Settings
@@ -79,3 +79,47 @@ async def test_nats_restart_is_waited_out(
             assert len({e.body["eventId"] for e in outbound}) == len(outbound)
     finally:
         nats_server.stop()
+
+
+async def test_a_read_only_database_is_waited_out_not_dead_lettered(hub: Hub) -> None:
+    """What a failover looks like from a worker whose DSN still reaches the old primary,
+    now a standby: it answers, but every write fails. That is the database's state, not
+    the events' fault: nothing may be dead-lettered, `/readyz` must say so, and the
+    events apply once the database takes writes again."""
+    worker = await hub.start_worker()
+    await hub.send("sp1", "s1", "spawned")
+    await hub.settle()
+    database = await hub.value("SELECT current_database()")
+    await hub.db.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    # New sessions only: the failover drops the worker's connections, as here.
+    await hub.db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    await hub.send("sp1", "s1", "signal.high_error_count", severity="high")
+    await hub.send("sp1", "s1", "completed")
+    await hub.send("sp1", "s2", "spawned")
+
+    async def read_only() -> bool:
+        return (await worker.readiness())["postgres"].startswith("read-only")
+
+    await wait_until(read_only, within=20)
+    await asyncio.sleep(3)  # long enough for a retried event to be given up on
+    assert await hub.value("SELECT count(*) FROM dead_letters") == 0
+    assert await hub.value("SELECT status FROM mappings WHERE session_id = 's1'") == "active"
+
+    await hub.db.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+    await hub.settle()
+    assert await hub.rows("SELECT session_id, status FROM mappings ORDER BY session_id") == [
+        {"session_id": "s1", "status": "completed"},
+        {"session_id": "s2", "status": "active"},
+    ]
+    assert await hub.value("SELECT count(*) FROM detections") == 1
+    assert await hub.value("SELECT count(*) FROM dead_letters") == 0
+
+    # A read-only answer made the pool drop its connections: the next probes ask
+    # fresh ones, which now take writes.
+    async def ready() -> bool:
+        return await worker.readiness() == {"nats": "ok", "consumer": "ok", "postgres": "ok"}
+
+    await wait_until(ready, within=10)
