@@ -53,7 +53,7 @@ async def migrate(
     while True:
         attempt += 1
         try:
-            conn = await db.connect(dsn, application_name="hub-worker:migrate")
+            conn = await db.connect(dsn, application_name="hub-worker:migrate", bounded=False)
         except db.CONNECTION_ERRORS as err:
             if stopping is not None and stopping.is_set():
                 raise Stopped from err

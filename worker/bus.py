@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import ssl
 from dataclasses import dataclass
@@ -232,15 +233,17 @@ class Bus:
     async def ensure_streams(self) -> int:
         """Create PU_EVENTS and PU_OUT when missing; returns the inbound partition count.
 
-        Existing streams keep their data and configuration: the partition count
-        of an existing PU_EVENTS is read from its transform, because moving a
-        session to another partition while its events are in flight would
-        break its order.
+        Existing streams keep their data. Their retention and replicas follow
+        the configuration (HUB_STREAM_MAX_AGE_SECONDS, HUB_STREAM_REPLICAS), but
+        the partition count of an existing PU_EVENTS is read from its transform,
+        because moving a session to another partition while its events are in
+        flight would break its order.
         """
         s = self.settings
         max_age = float(s.stream_max_age_seconds)
         try:
             info = await self.js.stream_info(s.events_stream)
+            await self._reconcile(info.config)
             transform = info.config.subject_transform
             partitions = partitions_of(transform.dest if transform else None)
             if partitions != s.partitions:
@@ -268,7 +271,7 @@ class Bus:
             partitions = s.partitions
             log.info("stream.created", action="stream.ensure", stream=s.events_stream)
         try:
-            await self.js.stream_info(s.out_stream)
+            await self._reconcile((await self.js.stream_info(s.out_stream)).config)
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(
                 StreamConfig(
@@ -282,6 +285,36 @@ class Bus:
             )
             log.info("stream.created", action="stream.ensure", stream=s.out_stream)
         return partitions
+
+    async def _reconcile(self, config: StreamConfig) -> None:
+        """Bring an existing stream's max age and replicas to the configured ones.
+
+        A change the server refuses (more replicas than it has servers, say) is
+        logged and left: the stream still works as it is.
+        """
+        max_age = float(self.settings.stream_max_age_seconds)
+        replicas = self.settings.stream_replicas
+        current = {"max_age": config.max_age, "num_replicas": config.num_replicas}
+        wanted = {"max_age": max_age, "num_replicas": replicas}
+        if current == wanted:
+            return
+        try:
+            await self.js.update_stream(
+                dataclasses.replace(config, max_age=max_age, num_replicas=replicas)
+            )
+        except nats.js.errors.APIError as err:
+            log.warning(
+                "stream.update_refused",
+                action="stream.ensure",
+                stream=config.name,
+                current=current,
+                configured=wanted,
+                error=err.description or str(err),
+            )
+            return
+        log.info(
+            "stream.updated", action="stream.ensure", stream=config.name, was=current, now=wanted
+        )
 
     def _consumer_config(self, lane: Lane, start_sequence: int | None = None) -> ConsumerConfig:
         return ConsumerConfig(

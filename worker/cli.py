@@ -189,7 +189,7 @@ def _migrate(settings: Settings, endpoints: Endpoints) -> int:
 
 async def _accounts(database_url: str, args: argparse.Namespace) -> int:
     try:
-        conn = await db.connect(database_url, application_name="hub-worker:accounts")
+        conn = await db.connect(database_url, application_name="hub-worker:accounts", bounded=False)
     except db.CONNECTION_ERRORS as err:
         print(f"hub-worker: cannot reach the database: {err}", file=sys.stderr)
         return EXIT_FAILURE

@@ -67,3 +67,17 @@ READINESS_QUERY_SECONDS = 1.0
 # Consecutive fetch failures after which a lane recreates its stream,
 # consumer and subscription as needed.
 REPAIR_AFTER_FAILURES = 5
+
+# Bounds on a database round trip, on every connection but `migrate`'s (a migration
+# may rightly take long). The server ends a statement, or a transaction left open
+# by a stuck worker, after DB_STATEMENT_TIMEOUT_SECONDS; the client gives up on an
+# answer a little later (a network partition sends no reset, and TCP alone would
+# wait many minutes) and reconnects, as after any lost connection.
+DB_STATEMENT_TIMEOUT_SECONDS = 60
+DB_COMMAND_TIMEOUT_SECONDS = 75
+# The server probes a silent worker connection after this idle time, then every
+# interval, this many times: a worker host that vanished gives back its lanes (their
+# advisory locks) in about a minute instead of the kernel's two hours.
+DB_KEEPALIVE_IDLE_SECONDS = 30
+DB_KEEPALIVE_INTERVAL_SECONDS = 10
+DB_KEEPALIVE_COUNT = 3

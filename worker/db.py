@@ -22,6 +22,13 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from worker.batch import DetectionRow, MappingRow, Plan, SessionRow, Snapshot
+from worker.constants import (
+    DB_COMMAND_TIMEOUT_SECONDS,
+    DB_KEEPALIVE_COUNT,
+    DB_KEEPALIVE_IDLE_SECONDS,
+    DB_KEEPALIVE_INTERVAL_SECONDS,
+    DB_STATEMENT_TIMEOUT_SECONDS,
+)
 from worker.domain import Severity
 from worker.events import DetectionState
 from worker.outbound import OutboxRow
@@ -87,6 +94,7 @@ class Queries:
     held_locks: str
     purge_ledger: str
     writable: str
+    bound_session: str
     # sweep.sql
     claim_schedule: str
     stalled_sessions: str
@@ -176,12 +184,30 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def connect(dsn: str, *, application_name: str = "hub-worker") -> asyncpg.Connection:
+async def _init_bounded_connection(conn: asyncpg.Connection) -> None:
+    await _init_connection(conn)
+    await conn.execute(
+        queries().bound_session,
+        f"{DB_STATEMENT_TIMEOUT_SECONDS}s",
+        str(DB_KEEPALIVE_IDLE_SECONDS),
+        str(DB_KEEPALIVE_INTERVAL_SECONDS),
+        str(DB_KEEPALIVE_COUNT),
+    )
+
+
+async def connect(
+    dsn: str, *, application_name: str = "hub-worker", bounded: bool = True
+) -> asyncpg.Connection:
+    """A connection; `bounded` ones have the statement, transaction and answer time
+    limits of the DB_* constants (`migrate` connects unbounded)."""
     conn: asyncpg.Connection = await asyncpg.connect(
-        dsn, server_settings={"application_name": application_name}, timeout=10
+        dsn,
+        server_settings={"application_name": application_name},
+        timeout=10,
+        command_timeout=DB_COMMAND_TIMEOUT_SECONDS if bounded else None,
     )
     try:
-        await _init_connection(conn)
+        await (_init_bounded_connection if bounded else _init_connection)(conn)
     except BaseException:
         conn.terminate()
         raise
@@ -193,9 +219,10 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> Pool:
         dsn,
         min_size=1,
         max_size=max_size,
-        init=_init_connection,
+        init=_init_bounded_connection,
         server_settings={"application_name": "hub-worker"},
         timeout=10,
+        command_timeout=DB_COMMAND_TIMEOUT_SECONDS,
     )
     return pool
 

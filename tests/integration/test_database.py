@@ -170,3 +170,44 @@ def test_the_wheel_carries_the_sql(tmp_path: Path) -> None:
     }
     assert expected, "sql/ holds the migrations and queries"
     assert expected <= names
+
+
+async def test_worker_connections_are_bounded_and_migrate_is_not(database_url: str) -> None:
+    bounded = await db.connect(database_url)
+    unbounded = await db.connect(database_url, bounded=False)
+    try:
+        for setting, value in [
+            ("statement_timeout", "1min"),
+            ("idle_in_transaction_session_timeout", "1min"),
+        ]:
+            assert await bounded.fetchval(f"SHOW {setting}") == value
+            assert await unbounded.fetchval(f"SHOW {setting}") == "0"
+        # On loopback TCP the server applies the keepalive settings to its socket.
+        assert await bounded.fetchval("SHOW tcp_keepalives_idle") == "30"
+        assert await bounded.fetchval("SHOW tcp_keepalives_count") == "3"
+    finally:
+        await bounded.close()
+        await unbounded.close()
+
+
+async def test_a_stuck_statement_or_silent_server_ends_in_an_error_not_a_wait(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server cancels a statement past its limit; the client gives up on an answer
+    that does not come (here: a sleep, standing in for a partition) and the error is
+    one the worker treats as a lost connection."""
+    monkeypatch.setattr(db, "DB_STATEMENT_TIMEOUT_SECONDS", 1)
+    conn = await db.connect(database_url)
+    try:
+        with pytest.raises(asyncpg.QueryCanceledError, match="statement timeout"):
+            await conn.execute("SELECT pg_sleep(3)")
+    finally:
+        await conn.close()
+    monkeypatch.setattr(db, "DB_STATEMENT_TIMEOUT_SECONDS", 30)
+    monkeypatch.setattr(db, "DB_COMMAND_TIMEOUT_SECONDS", 0.5)
+    conn = await db.connect(database_url)
+    try:
+        with pytest.raises(db.CONNECTION_ERRORS):
+            await conn.execute("SELECT pg_sleep(3)")
+    finally:
+        conn.terminate()

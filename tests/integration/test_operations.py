@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig, SubjectTransform
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from tests.integration.test_workers import assert_tables_match, publish_all
 from tests.support import Hub, open_hub, wait_until
@@ -204,6 +205,40 @@ async def test_a_consumer_with_the_wrong_filter_is_reconciled_at_start(hub: Hub)
         await hub.send("sp1", f"s{n}", "completed")
     await hub.settle()
     assert await hub.value("SELECT count(*) FROM mappings WHERE status = 'completed'") == 8
+
+
+async def test_stream_retention_follows_the_configuration_at_start(hub: Hub) -> None:
+    """A changed HUB_STREAM_MAX_AGE_SECONDS reaches existing streams at the next start;
+    a replica count the server cannot give is logged and the worker runs on."""
+    await hub.start_worker(stream_max_age_seconds=3600)
+    await hub.stop_workers()
+    for stream in (hub.settings.events_stream, hub.settings.out_stream):
+        assert (await hub.js.stream_info(stream)).config.max_age == 3600
+
+    with capture_logs() as logged:
+        await hub.start_worker(stream_max_age_seconds=7200, stream_replicas=3)  # one server
+
+        async def started() -> bool:
+            return any(e["event"] == "worker.started" for e in logged)
+
+        await wait_until(started, within=20)
+    for stream in (hub.settings.events_stream, hub.settings.out_stream):
+        config = (await hub.js.stream_info(stream)).config
+        assert (config.max_age, config.num_replicas) == (3600, 1)
+    refused = {e["stream"] for e in logged if e["event"] == "stream.update_refused"}
+    assert refused == {hub.settings.events_stream, hub.settings.out_stream}
+    await hub.send("sp1", "s1", "spawned")
+    await hub.settle()
+    await hub.stop_workers()
+
+    with capture_logs() as logged:
+        await hub.start_worker(stream_max_age_seconds=7200)
+        await wait_until(started, within=20)
+    for stream in (hub.settings.events_stream, hub.settings.out_stream):
+        config = (await hub.js.stream_info(stream)).config
+        assert (config.max_age, config.num_replicas) == (7200, 1)
+    # The data stayed: the session's event is still in the inbound stream.
+    assert (await hub.js.stream_info(hub.settings.events_stream)).state.messages == 1
 
 
 async def test_sigterm_during_a_steady_stream_exits_0_within_grace_and_nothing_is_lost(
