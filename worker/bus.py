@@ -190,26 +190,32 @@ class Bus:
                 stop = asyncio.ensure_future(
                     stopping.wait() if stopping is not None else asyncio.Event().wait()
                 )
+                refused = asyncio.ensure_future(watch.refused.wait())
                 waited = 0.0
                 while not connecting.done() and not stop.done():
                     await asyncio.wait(
-                        {connecting, stop},
+                        {connecting, stop, refused},
                         timeout=CONNECT_NOTICE_SECONDS,
                         return_when="FIRST_COMPLETED",
                     )
+                    if refused.done() and not connecting.done():
+                        stop.cancel()
+                        connecting.cancel()
+                        raise ConnectionUnusable(watch.reason)
                     waited += CONNECT_NOTICE_SECONDS
                     if not connecting.done() and not stop.done():
                         # A server that answers "Authorization Violation" is not
                         # unreachable: say which, so the operator looks at credentials.
                         last = watch.last_error
-                        refused = last is not None and "authorization" in last.lower()
+                        denied = last is not None and "authorization" in last.lower()
                         log.warning(
-                            "nats.refused" if refused else "nats.unreachable",
+                            "nats.refused" if denied else "nats.unreachable",
                             action="nats.connect",
                             waited_seconds=waited,
                             last_error=last,
                         )
                 stop.cancel()
+                refused.cancel()
                 if not connecting.done():
                     connecting.cancel()
                     with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
@@ -497,7 +503,7 @@ class Bus:
 
     async def until_unusable(self, stopping: asyncio.Event) -> None:
         """Return when `stopping` is set; raise ConnectionUnusable if that comes first."""
-        unusable = asyncio.ensure_future(self._watch.event.wait())
+        unusable = asyncio.ensure_future(self._watch.unusable.wait())
         stop = asyncio.ensure_future(stopping.wait())
         try:
             await asyncio.wait({unusable, stop}, return_when="FIRST_COMPLETED")
@@ -521,11 +527,15 @@ class ConnectionWatch:
 
     A refused permission does not close the connection (nats-py reports it to
     error_cb), but what needed it (a subscription, the replies to requests)
-    never works, and retrying would hide the cause behind timeouts.
+    never works, and retrying would hide the cause behind timeouts. A server
+    certificate that fails verification leaves nats-py's connect hanging (its
+    close after the failed handshake never finishes). Both are configuration,
+    not weather: `refused` is set, and the worker stops with the reason.
     """
 
     def __init__(self) -> None:
-        self.event = asyncio.Event()
+        self.unusable = asyncio.Event()
+        self.refused = asyncio.Event()
         self.reason: str | None = None
         self.last_error: str | None = None
 
@@ -534,17 +544,24 @@ class ConnectionWatch:
         self.last_error = message
         if "permissions violation" in message.lower():
             log.error("nats.permission_denied", action="nats.error", error=message)
-            self._set(f"NATS refused a permission: {message}")
+            self._refuse(f"NATS refused a permission: {message}")
+        elif isinstance(err, ssl.SSLCertVerificationError):
+            log.error("nats.tls_refused", action="nats.error", error=message)
+            self._refuse(f"TLS: the NATS server's certificate was not accepted: {message}")
         else:
             log.warning("nats.error", action="nats.error", error=message)
 
     async def on_closed(self) -> None:
         self._set("NATS closed the connection")
 
+    def _refuse(self, reason: str) -> None:
+        self._set(reason)
+        self.refused.set()
+
     def _set(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-        self.event.set()
+        self.unusable.set()
 
 
 async def _log_disconnected() -> None:

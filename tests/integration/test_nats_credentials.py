@@ -37,6 +37,7 @@ from tests.nats_jwt import Keys, Operator, creds, user_jwt
 from tests.support import Hub, wait_until
 from worker import db
 from worker.app import Worker
+from worker.bus import ConnectionUnusable
 from worker.config import Settings
 from worker.embedded import EmbeddedNats
 
@@ -66,6 +67,9 @@ class Method:
     refused: connections the server must refuse, by what is wrong with them.
     wrong_env: HUB_NATS_* variables with credentials that do not let the worker in,
         and `wrong_error`, the error it then meets.
+    wrong_stops: whether that stops the worker (a server certificate it cannot
+        verify: waiting mends nothing, and nats-py's connect would hang) instead of
+        being waited out (a refused password may be a rotation in progress).
     secrets: strings that must never be logged (the wrong credentials too).
     """
 
@@ -76,6 +80,7 @@ class Method:
     wrong_env: dict[str, str]
     wrong_error: str
     secrets: tuple[str, ...] = field(repr=False)
+    wrong_stops: bool = False
 
 
 def _write(path: Path, text: str) -> str:
@@ -270,6 +275,7 @@ tls {{
         # The worker must check the server: trusting another CA, it refuses it.
         wrong_env={"HUB_NATS_TLS_CA_FILE": str(tmp / "stranger-ca.pem"), **client_files},
         wrong_error="CERTIFICATE_VERIFY_FAILED",
+        wrong_stops=True,
         secrets=tuple(
             line
             for line in worker.private_key_pem.bytes().decode().splitlines()
@@ -427,17 +433,21 @@ async def _run_refused_worker(
     return running, stopping
 
 
-async def test_with_wrong_credentials_the_worker_waits_says_why_and_leaks_nothing(
+async def test_with_wrong_credentials_the_worker_waits_or_stops_says_why_and_leaks_nothing(
     way: Setup, database_url: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     settings = Settings.from_env(way.environment(database_url, way.method.wrong_env))
     with capture_logs() as logged:
         running, stopping = await _run_refused_worker(way, settings, logged)
-        await asyncio.sleep(0.5)
-        assert not running.done(), "the worker gave up instead of waiting"
-        stopping.set()
-        await asyncio.wait_for(running, timeout=10)
-    assert logged[-1]["event"] == "worker.stopped"
+        if way.method.wrong_stops:
+            with pytest.raises(ConnectionUnusable, match=way.method.wrong_error):
+                await asyncio.wait_for(running, timeout=10)
+        else:
+            await asyncio.sleep(0.5)
+            assert not running.done(), "the worker gave up instead of waiting"
+            stopping.set()
+            await asyncio.wait_for(running, timeout=10)
+            assert logged[-1]["event"] == "worker.stopped"
     _assert_no_secret(way.method, logged, "".join(capfd.readouterr()))
     spoke = await nats.connect(way.url, error_cb=_quiet, **way.method.spoke)
     try:

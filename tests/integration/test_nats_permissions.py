@@ -347,13 +347,10 @@ async def test_server_refuses_wrong_password_missing_or_foreign_certificate(
         await attempt(**spoke, tls=secured_nats.stranger_context)
 
 
-async def test_worker_refused_a_permission_exits_with_the_reason(
-    secured_nats: SecuredNats, database_url: str, tmp_path: Path
-) -> None:
-    """A deployment mistake (here: no HUB_NATS_INBOX_PREFIX, so replies would come to
-    `_INBOX.>`, which the worker's user may not read) stops the worker with the
-    server's reason, for its supervisor to report, rather than leaving it retrying
-    requests whose replies can never arrive."""
+async def run_failing_worker(
+    secured_nats: SecuredNats, database_url: str, tmp_path: Path, **overrides: str
+) -> str:
+    """`hub-worker run` as the worker's user with some settings wrong: it must exit 1."""
     password_file = tmp_path / "worker.password"
     password_file.write_text(secured_nats.passwords["hub-worker"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")} | {
@@ -363,6 +360,7 @@ async def test_worker_refused_a_permission_exits_with_the_reason(
         "HUB_NATS_TLS_CA_FILE": str(secured_nats.ca_file),
         "HUB_NATS_TLS_CERT_FILE": str(secured_nats.client_cert),
         "HUB_NATS_TLS_KEY_FILE": str(secured_nats.client_key),
+        "HUB_NATS_INBOX_PREFIX": INBOXES["hub-worker"],
         "HUB_DATABASE_URL": database_url,
         "HUB_HTTP_ADDR": "",
         "HUB_LOG_FORMAT": "json",
@@ -372,7 +370,7 @@ async def test_worker_refused_a_permission_exits_with_the_reason(
         "-m",
         "worker",
         "run",
-        env=env,
+        env=env | overrides,
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -381,5 +379,32 @@ async def test_worker_refused_a_permission_exits_with_the_reason(
     text = output.decode()
     assert process.returncode == 1, text
     assert '"event": "worker.failed"' in text
-    assert "NATS refused a permission: nats: permissions violation for subscription" in text
     assert secured_nats.passwords["hub-worker"] not in text
+    return text
+
+
+async def test_worker_refused_a_permission_exits_with_the_reason(
+    secured_nats: SecuredNats, database_url: str, tmp_path: Path
+) -> None:
+    """A deployment mistake (here: the default inbox prefix, so replies would come to
+    `_INBOX.>`, which the worker's user may not read) stops the worker with the
+    server's reason, for its supervisor to report, rather than leaving it retrying
+    requests whose replies can never arrive."""
+    text = await run_failing_worker(
+        secured_nats, database_url, tmp_path, HUB_NATS_INBOX_PREFIX="_INBOX"
+    )
+    assert "NATS refused a permission: nats: permissions violation for subscription" in text
+
+
+async def test_worker_given_the_wrong_ca_exits_with_the_reason(
+    secured_nats: SecuredNats, database_url: str, tmp_path: Path
+) -> None:
+    """nats-py's connect never returns after a failed certificate check: without the
+    worker's own watch, it would wait forever, reporting the server unreachable."""
+    stranger = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(stranger))
+    text = await run_failing_worker(
+        secured_nats, database_url, tmp_path, HUB_NATS_TLS_CA_FILE=str(stranger)
+    )
+    assert "TLS: the NATS server's certificate was not accepted" in text
+    assert "CERTIFICATE_VERIFY_FAILED" in text
