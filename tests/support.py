@@ -33,6 +33,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTLE_TIMEOUT_SECONDS = 30.0
 
 
+async def start_hub_worker(
+    *argv: str, env: dict[str, str], cwd: Path
+) -> asyncio.subprocess.Process:
+    """`hub-worker ARGV` as a subprocess with `env` and none of the caller's HUB_*
+    variables, logging JSON; stdout and stderr arrive together on `stdout`."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *argv,
+        env=inherited | {"HUB_LOG_FORMAT": "json"} | env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
 def with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path=f"/{database}"))

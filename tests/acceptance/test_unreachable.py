@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support import start_hub_worker
 from worker.embedded import free_port
 
 pytestmark = pytest.mark.integration
@@ -23,7 +22,7 @@ async def test_waits_for_servers_stops_on_sigterm_and_leaks_no_credentials(
     down: str, tmp_path: Path, database_url: str, nats_url: str
 ) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")} | {
+    env = {
         "HUB_DATABASE_URL": f"postgresql://hub:{SECRETS[0]}@127.0.0.1:{free_port()}/hub"
         if down == "postgres"
         else database_url,
@@ -33,16 +32,7 @@ async def test_waits_for_servers_stops_on_sigterm_and_leaks_no_credentials(
         "HUB_HTTP_ADDR": f"127.0.0.1:{port}",
         "HUB_LOG_FORMAT": "json",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await start_hub_worker("run", env=env, cwd=tmp_path)
     await asyncio.sleep(6)  # a few retries
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -25,19 +25,17 @@ import os
 import shutil
 import ssl
 import struct
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from uuid import uuid4
 
 import asyncpg
 import pytest
 import trustme
 
-from tests.support import open_hub
+from tests.support import open_hub, start_hub_worker
 from worker import app, db
 from worker.config import Settings, with_password
 from worker.embedded import EmbeddedPostgres, postgres_bin_dir
@@ -225,17 +223,7 @@ def runtime_settings(hub: Hub, settings: Settings) -> Settings:
 
 
 async def run_cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        env=base | {"HUB_LOG_FORMAT": "json"} | env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await start_hub_worker(*args, env=env, cwd=cwd)
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode is not None
     return process.returncode, output.decode()
@@ -427,23 +415,13 @@ async def test_worker_waits_out_a_refused_password_and_never_prints_it(
     wrong = f"wrong-{uuid4().hex}"
     secret_file = tmp_path / "wrong.password"
     secret_file.write_text(wrong)
-    env: dict[str, Any] = {
+    env = {
         "HUB_DATABASE_URL": hub.dsn(hub.owner),
         "HUB_DATABASE_PASSWORD_FILE": str(secret_file),
         "HUB_NATS_URL": nats_url,
         "HUB_HTTP_ADDR": "",
     }
-    base = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        env=base | {"HUB_LOG_FORMAT": "json"} | env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await start_hub_worker("run", env=env, cwd=tmp_path)
     await asyncio.sleep(4)
     assert process.returncode is None, "the worker gave up instead of waiting"
     process.terminate()

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import ssl
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import trustme
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from tests.support import now_iso, wait_until
+from tests.support import now_iso, start_hub_worker, wait_until
 from worker.app import Worker
 from worker.config import Settings
 from worker.embedded import EmbeddedNats
@@ -201,22 +200,7 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    password_file = tmp_path / "worker.password"
-    password_file.write_text(secured_nats.passwords["hub-worker"] + "\n")
-    settings = Settings.from_env(
-        {
-            "HUB_NATS_URL": secured_nats.url,
-            "HUB_NATS_USER": "hub-worker",
-            "HUB_NATS_PASSWORD_FILE": str(password_file),
-            "HUB_NATS_TLS_CA_FILE": str(secured_nats.ca_file),
-            "HUB_NATS_TLS_CERT_FILE": str(secured_nats.client_cert),
-            "HUB_NATS_TLS_KEY_FILE": str(secured_nats.client_key),
-            "HUB_NATS_INBOX_PREFIX": INBOXES["hub-worker"],
-            "HUB_HTTP_ADDR": "",
-            "HUB_LOG_FORMAT": "json",
-            "HUB_PARTITIONS": "2",
-        }
-    )
+    settings = Settings.from_env(worker_env(secured_nats, tmp_path) | {"HUB_PARTITIONS": "2"})
     assert settings.nats_urls is not None
     worker = Worker(settings, database_url, list(settings.nats_urls))
     stopping = asyncio.Event()
@@ -248,13 +232,16 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
 
         # ... and is refused another spoke's subjects, for writing and for reading,
         # the worker's output, and JetStream's API.
-        for kind, subject in FORBIDDEN["spoke-alpha"]:
-            nc = await connect("spoke-alpha")
-            if kind == "Publish":
-                await nc.publish(subject, event("beta", "b1"))
-            else:
-                await nc.subscribe(subject)
-            await secured_nats.refused("spoke-alpha", kind, subject)
+        async def all_refused(user: str, body: bytes) -> None:
+            for kind, subject in FORBIDDEN[user]:
+                nc = await connect(user)
+                if kind == "Publish":
+                    await nc.publish(subject, body)
+                else:
+                    await nc.subscribe(subject)
+                await secured_nats.refused(user, kind, subject)
+
+        await all_refused("spoke-alpha", event("beta", "b1"))
 
         async def applied() -> bool:
             return bool(
@@ -273,13 +260,7 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
             )
 
         await wait_until(delivered, within=20)
-        for kind, subject in FORBIDDEN["alerts"]:
-            nc = await connect("alerts")
-            if kind == "Publish":
-                await nc.publish(subject, event("alpha", "a1"))
-            else:
-                await nc.subscribe(subject)
-            await secured_nats.refused("alerts", kind, subject)
+        await all_refused("alerts", event("alpha", "a1"))
 
         # A coordinator resolves the detection through the worker, which may answer it.
         await db.execute("INSERT INTO accounts (id) VALUES ('ops')")
@@ -347,13 +328,11 @@ async def test_server_refuses_wrong_password_missing_or_foreign_certificate(
         await attempt(**spoke, tls=secured_nats.stranger_context)
 
 
-async def run_failing_worker(
-    secured_nats: SecuredNats, database_url: str, tmp_path: Path, **overrides: str
-) -> str:
-    """`hub-worker run` as the worker's user with some settings wrong: it must exit 1."""
+def worker_env(secured_nats: SecuredNats, tmp_path: Path) -> dict[str, str]:
+    """The worker's user, as an operator configures it: HUB_* variables and files."""
     password_file = tmp_path / "worker.password"
-    password_file.write_text(secured_nats.passwords["hub-worker"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")} | {
+    password_file.write_text(secured_nats.passwords["hub-worker"] + "\n")
+    return {
         "HUB_NATS_URL": secured_nats.url,
         "HUB_NATS_USER": "hub-worker",
         "HUB_NATS_PASSWORD_FILE": str(password_file),
@@ -361,20 +340,17 @@ async def run_failing_worker(
         "HUB_NATS_TLS_CERT_FILE": str(secured_nats.client_cert),
         "HUB_NATS_TLS_KEY_FILE": str(secured_nats.client_key),
         "HUB_NATS_INBOX_PREFIX": INBOXES["hub-worker"],
-        "HUB_DATABASE_URL": database_url,
         "HUB_HTTP_ADDR": "",
         "HUB_LOG_FORMAT": "json",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        env=env | overrides,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+
+
+async def run_failing_worker(
+    secured_nats: SecuredNats, database_url: str, tmp_path: Path, **overrides: str
+) -> str:
+    """`hub-worker run` as the worker's user with some settings wrong: it must exit 1."""
+    env = worker_env(secured_nats, tmp_path) | {"HUB_DATABASE_URL": database_url}
+    process = await start_hub_worker("run", env=env | overrides, cwd=tmp_path)
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     text = output.decode()
     assert process.returncode == 1, text
