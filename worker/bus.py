@@ -204,10 +204,13 @@ class Bus:
                         raise ConnectionUnusable(watch.reason)
                     waited += CONNECT_NOTICE_SECONDS
                     if not connecting.done() and not stop.done():
-                        # A server that answers "Authorization Violation" is not
-                        # unreachable: say which, so the operator looks at credentials.
+                        # A server that refuses our credentials or our client
+                        # certificate is not unreachable: say which, so the operator
+                        # looks at those.
                         last = watch.last_error
-                        denied = last is not None and "authorization" in last.lower()
+                        denied = last is not None and any(
+                            word in last.lower() for word in ("authorization", "certificate")
+                        )
                         log.warning(
                             "nats.refused" if denied else "nats.unreachable",
                             action="nats.connect",
