@@ -38,7 +38,7 @@ import trustme
 from tests.support import open_hub, start_hub_worker
 from worker import app, db
 from worker.config import Settings, with_password
-from worker.embedded import EmbeddedPostgres, postgres_bin_dir
+from worker.embedded import EmbeddedPostgres, free_port, postgres_bin_dir
 
 pytestmark = pytest.mark.integration
 
@@ -407,30 +407,40 @@ async def test_wrong_password_plain_tcp_and_unknown_ca_are_refused(
     assert hub.tls.tls_sessions == sessions + 1
 
 
+@pytest.mark.parametrize("where", ["file", "dsn"])
 async def test_worker_waits_out_a_refused_password_and_never_prints_it(
-    secured_hub: Hub, tmp_path: Path, nats_url: str
+    secured_hub: Hub, tmp_path: Path, nats_url: str, where: str
 ) -> None:
-    """A wrong password (say, mid-rotation) is waited out like an outage, and never printed."""
+    """A wrong password (say, mid-rotation) is waited out like an outage, and printed
+    nowhere: not in the logs, not in `/readyz`; whether it came from a file or in the DSN."""
     hub = secured_hub
     wrong = f"wrong-{uuid4().hex}"
     secret_file = tmp_path / "wrong.password"
     secret_file.write_text(wrong)
+    port = free_port()
     env = {
-        "HUB_DATABASE_URL": hub.dsn(hub.owner),
-        "HUB_DATABASE_PASSWORD_FILE": str(secret_file),
         "HUB_NATS_URL": nats_url,
-        "HUB_HTTP_ADDR": "",
-    }
+        "HUB_HTTP_ADDR": f"127.0.0.1:{port}",
+    } | (
+        {"HUB_DATABASE_URL": hub.dsn(hub.owner), "HUB_DATABASE_PASSWORD_FILE": str(secret_file)}
+        if where == "file"
+        else {"HUB_DATABASE_URL": with_password(hub.dsn(hub.owner), wrong)}
+    )
     process = await start_hub_worker("run", env=env, cwd=tmp_path)
     await asyncio.sleep(4)
     assert process.returncode is None, "the worker gave up instead of waiting"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    readiness = (await reader.read()).decode()
+    writer.close()
     process.terminate()
     output, _ = await asyncio.wait_for(process.communicate(), timeout=20)
     text = output.decode()
     assert process.returncode == 0, text
+    assert " 503 " in readiness.split("\r\n", 1)[0]
     assert '"event": "database.unreachable"' in text
     assert "password authentication failed" in text
-    assert wrong not in text
+    assert wrong not in text + readiness
 
 
 async def test_compose_init_script_and_psql_grants_work_as_documented(
