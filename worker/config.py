@@ -136,14 +136,7 @@ class Settings:
                 raise ConfigError(f"set {name} or {name}_FILE, not both")
             if path is None:
                 return value
-            try:
-                # A trailing newline is how editors and `echo` end a file, not
-                # part of the secret.
-                contents = path.read_text(encoding="utf-8").rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as err:
-                raise ConfigError(
-                    f"{name}_FILE: cannot read {path} ({type(err).__name__})"
-                ) from None
+            contents = _read(f"{name}_FILE", path).rstrip("\r\n")
             if not contents:
                 raise ConfigError(f"{name}_FILE: {path} is empty")
             return contents
