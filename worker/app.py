@@ -6,7 +6,6 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
-import asyncpg
 import structlog
 
 from worker import db
@@ -34,10 +33,6 @@ from worker.relay import OutboxRelay
 from worker.sweep import StallSweep
 
 log = structlog.get_logger("worker.app")
-
-# What a probe or a sample may meet when asking PostgreSQL: reported, never fatal.
-_DATABASE_ERRORS: tuple[type[Exception], ...] = (*db.CONNECTION_ERRORS, asyncpg.PostgresError)
-_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *_DATABASE_ERRORS)
 
 
 async def migrate(
@@ -242,17 +237,20 @@ class Worker:
         if self.pool is None:
             checks["postgres"] = "not connected yet"
         else:
+            writable = False
             try:
                 async with asyncio.timeout(READINESS_QUERY_SECONDS):
                     writable = await db.writable(self.pool)
                 checks["postgres"] = "ok" if writable else "read-only (a standby?)"
-                if not writable:
-                    # Connections made before a failover stay on the old server:
-                    # the next probe and command get fresh ones, which may reach
-                    # the new primary.
-                    await self.pool.expire_connections()
-            except _PROBE_ERRORS as err:
+            # A probe reports and never raises: besides the usual errors, a
+            # connection cut mid-query (a timeout, a terminated backend) can leave
+            # asyncpg's protocol in a state it refuses to use again.
+            except Exception as err:
                 checks["postgres"] = f"unreachable: {type(err).__name__}"
+            if not writable:
+                # Fresh connections for the next probe and command: after a failover
+                # they may reach the new primary, after a cut they work again.
+                await self.pool.expire_connections()
         return checks
 
     async def _sample(self, all_lanes: list[Lane], stopping: asyncio.Event) -> None:
@@ -276,8 +274,10 @@ class Worker:
                 self.metrics.outbox_oldest_age.set(
                     0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
                 )
-            except _DATABASE_ERRORS as err:
-                log.warning("sample.outbox_failed", action="sample", error=str(err))
+            # A gauge is not worth the worker: whatever the pool's connection
+            # does (see readiness), sample again next time.
+            except Exception as err:
+                log.warning("sample.outbox_failed", action="sample", error=repr(err))
             if self.lane_manager is not None:
                 self.metrics.lanes_owned.set(len(self.lane_manager.owned))
                 self.metrics.db_connections.labels("lanes").set(len(self.lane_manager.owned))
