@@ -44,6 +44,9 @@ Pool = asyncpg.Pool
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A connection cut in the middle of an operation can leave asyncpg's protocol
+    # refusing further use ("another operation is in progress"): drop it, reconnect.
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
