@@ -50,13 +50,7 @@ async def migrate(
         try:
             conn = await db.connect(dsn, application_name="hub-worker:migrate", bounded=False)
         except db.CONNECTION_ERRORS as err:
-            if stopping is not None and stopping.is_set():
-                raise Stopped from err
-            delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
-            log.warning("database.unreachable", action="migrate", error=str(err), retry_in=delay)
-            await (pause(stopping, delay) if stopping is not None else asyncio.sleep(delay))
-            if stopping is not None and stopping.is_set():
-                raise Stopped from err
+            await _wait_to_retry("database.unreachable", err, attempt, stopping)
             continue
         try:
             applied = await db.migrate(conn)
@@ -65,18 +59,25 @@ async def migrate(
         except db.MigrationsPending as err:
             if stopping is None:
                 raise
-            delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
-            log.warning(
-                "database.migrations_pending", action="migrate", error=str(err), retry_in=delay
-            )
-            await pause(stopping, delay)
-            if stopping.is_set():
-                raise Stopped from err
+            await _wait_to_retry("database.migrations_pending", err, attempt, stopping)
             continue
         finally:
             await close_quietly(conn)
         log.info("migrated", action="migrate", applied=applied, granted_to=runtime_role)
         return applied
+
+
+async def _wait_to_retry(
+    event: str, err: Exception, attempt: int, stopping: asyncio.Event | None
+) -> None:
+    """Log why, wait the backoff (cut short by `stopping`); raise Stopped if asked to stop."""
+    if stopping is not None and stopping.is_set():
+        raise Stopped from err
+    delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+    log.warning(event, action="migrate", error=str(err), retry_in=delay)
+    await (pause(stopping, delay) if stopping is not None else asyncio.sleep(delay))
+    if stopping is not None and stopping.is_set():
+        raise Stopped from err
 
 
 class Worker:
