@@ -360,16 +360,14 @@ class Bus:
         config = info.config
         if config.filter_subject == lane.filter_subject and config.ack_policy == AckPolicy.EXPLICIT:
             return
-        floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        await self.js.delete_consumer(stream, lane.durable)
-        await self.js.add_consumer(stream, self._consumer_config(lane, start_sequence=floor + 1))
+        start = await self._recreate_at_ack_floor(lane, info)
         log.warning(
             "consumer.reconciled",
             action="consumer.ensure",
             consumer=lane.durable,
             had_filter=config.filter_subject,
             had_ack_policy=str(config.ack_policy),
-            from_sequence=floor + 1,
+            from_sequence=start,
         )
 
     async def consumer_info(self, lane: Lane) -> ConsumerInfo:
@@ -392,16 +390,23 @@ class Bus:
             return
         if not info.num_ack_pending:
             return
-        floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        await self.js.delete_consumer(stream, lane.durable)
-        await self.js.add_consumer(stream, self._consumer_config(lane, start_sequence=floor + 1))
+        start = await self._recreate_at_ack_floor(lane, info)
         log.info(
             "consumer.rewound",
             action="consumer.take_over",
             consumer=lane.durable,
-            from_sequence=floor + 1,
+            from_sequence=start,
             unacked=info.num_ack_pending,
         )
+
+    async def _recreate_at_ack_floor(self, lane: Lane, info: ConsumerInfo) -> int:
+        """Replace the lane's consumer by one that starts just after its ack floor;
+        returns that first stream sequence."""
+        start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+        stream = self.settings.events_stream
+        await self.js.delete_consumer(stream, lane.durable)
+        await self.js.add_consumer(stream, self._consumer_config(lane, start_sequence=start))
+        return start
 
     async def backlog_age(self, lanes: list[Lane]) -> float:
         """Seconds since the oldest inbound message not yet acked was stored (0: no backlog)."""
