@@ -331,6 +331,8 @@ def valid_examples() -> Iterator[tuple[str, type[Any], dict[str, Any]]]:
                 subject=inbound_subject("started"),
                 deliveries=5,
                 payload_base64="e30=",
+                payload_size=2,
+                payload_truncated=False,
             ).model_dump(mode="json"),
         )
     for resolution in ("acknowledged", "dismissed", "escalated", "fixed"):

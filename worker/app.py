@@ -144,7 +144,7 @@ class Worker:
         self.lane_manager = LaneManager(
             self.database_url,
             bus,
-            MessageHandler(s.subject_prefix, self.metrics),
+            MessageHandler(s.subject_prefix, self.metrics, bus.nc.max_payload),
             lock_namespace,
             all_lanes,
             self.metrics,

@@ -46,6 +46,7 @@ from worker.subjects import (
     partition_transform,
     partitions_of,
 )
+from worker.wire import WireClient
 
 log = structlog.get_logger("worker.bus")
 
@@ -84,6 +85,13 @@ def connect_options(auth: NatsAuth) -> dict[str, Any]:
             )
         options["tls"] = context
     return options
+
+
+async def _connect(**options: Any) -> NATS:
+    """`nats.connect` with the client that reads any bytes the server forwards."""
+    nc = WireClient()
+    await nc.connect(**options)
+    return nc
 
 
 class Stopped(Exception):
@@ -170,7 +178,7 @@ class Bus:
             # Per attempt: a failed attempt's connection may report itself closed.
             watch = ConnectionWatch()
             connecting = asyncio.ensure_future(
-                nats.connect(
+                _connect(
                     servers=urls,
                     name=name,
                     max_reconnect_attempts=-1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+import asyncpg
 import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -22,6 +23,8 @@ from worker.subjects import resolve_command_subject
 log = structlog.get_logger("worker.commands")
 
 QUEUE_GROUP = "hub-worker"
+# A reply subject that is not UTF-8 (worker.wire) cannot be published to.
+_REPLY_ERRORS: tuple[type[Exception], ...] = (*NATS_ERRORS, UnicodeEncodeError)
 
 
 class Refused(Exception):
@@ -66,7 +69,7 @@ class ResolveCommand:
         if msg.reply:
             try:
                 await msg.respond(reply.model_dump_json(exclude_unset=True).encode())
-            except NATS_ERRORS as err:
+            except _REPLY_ERRORS as err:
                 log.warning("command.reply_failed", action="command.resolve", error=str(err))
 
     async def resolve(self, body: bytes) -> ResolveReply:
@@ -92,14 +95,25 @@ class ResolveCommand:
                 )
         except Refused as refused:
             return ResolveReply(ok=False, error=refused.error)
-        except db.CONNECTION_ERRORS as err:
-            return ResolveReply(
-                ok=False,
-                error=CommandError(
-                    code="unavailable", message=f"the database is unavailable: {err}"
-                ),
+        except db.CONNECTION_ERRORS + db.TRANSIENT_ERRORS as err:
+            return _failed("unavailable", f"the database is unavailable: {err}")
+        except asyncpg.DataError as err:
+            # What the request holds that PostgreSQL refuses to compare or store.
+            return _failed("invalid_request", f"invalid request: {err}")
+        except Exception as err:
+            # Every request is answered: the caller is not left to time out.
+            log.error(
+                "command.failed",
+                action="command.resolve",
+                error=f"{type(err).__name__}: {err}",
+                exc_info=True,
             )
+            return _failed("unavailable", f"the worker could not resolve it: {type(err).__name__}")
         return ResolveReply(ok=True, detection=detection)
+
+
+def _failed(code: str, message: str) -> ResolveReply:
+    return ResolveReply(ok=False, error=_refuse(code, message).error)
 
 
 def _parse(body: bytes) -> ResolveRequest:

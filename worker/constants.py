@@ -3,6 +3,18 @@
 # Inbound bodies above this are dead-lettered as too_large (contract section 3).
 MAX_EVENT_BYTES = 64 * 1024
 
+# Nesting levels a known value of an event (`details`, `metadata`) may have,
+# counted from the value itself: well within what jsonb and the outbound
+# serializer take (pydantic stops at 255 with the event around it). Deeper is
+# invalid_event; unknown keys may nest as deep as 64 KiB allows.
+MAX_KNOWN_VALUE_DEPTH = 64
+
+# A dead letter's announcement carries at most this share of the server's
+# max_payload of the original body (as base64, a third more, so two thirds of
+# max_payload at most): with the rest of the event it fits whatever arrived.
+# The stored row keeps all of it.
+DEAD_LETTER_ANNOUNCED_SHARE = 0.5
+
 # Deliveries (attempts) of one message that fail the same way before it is
 # dead-lettered as handler_error (contract section 6).
 HANDLER_ATTEMPTS = 5

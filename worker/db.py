@@ -67,6 +67,21 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError,
 )
 
+# Conditions of the database, not of the message: the same transaction is
+# retried with backoff for as long as they last, without counting against the
+# message's HANDLER_ATTEMPTS, and a leader duty waits them out too. A lock
+# held by an operator (ALTER TABLE, VACUUM FULL) surfaces as a lock timeout
+# (with lock_timeout set) or as a statement timeout (the worker's own, 60 s);
+# a cancel (pg_cancel_backend), a serialization failure or a deadlock passes
+# when tried again; full disks, memory or connection slots are the server's.
+# What is here is named in docs/decisions.md ("Transient database errors").
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.LockNotAvailableError,  # 55P03
+    asyncpg.QueryCanceledError,  # 57014: statement_timeout, a cancel
+    asyncpg.TransactionRollbackError,  # 40001 serialization failure, 40P01 deadlock
+    asyncpg.InsufficientResourcesError,  # 53xxx: disk full, out of memory
+)
+
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Advisory lock (two-int form) serialising `hub-worker migrate` across replicas.
@@ -372,8 +387,14 @@ async def insert_dead_letter(
     error: str,
     deliveries: int,
     stream_position: str | None,
+    subject_bytes: bytes | None = None,
+    headers_bytes: bytes | None = None,
 ) -> DeadLetterRow | None:
-    """Store a dead letter; None when this stream position was dead-lettered before."""
+    """Store a dead letter; None when this stream position was dead-lettered before.
+
+    `subject`, `headers` and `error` must be storable text (worker.storable);
+    the `*_bytes` hold the exact subject and headers when those differ.
+    """
     row = await conn.fetchrow(
         queries().insert_dead_letter,
         subject,
@@ -383,6 +404,8 @@ async def insert_dead_letter(
         error,
         deliveries,
         stream_position,
+        subject_bytes,
+        headers_bytes,
     )
     return None if row is None else DeadLetterRow(row["id"], row["created_at"])
 

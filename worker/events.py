@@ -8,20 +8,32 @@ string, a timestamp needs its offset.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 from pydantic.alias_generators import to_camel
 
 from worker.domain import Resolution, SessionStatus, Severity
+from worker.storable import UNSTORABLE_TEXT
 
 _UUID_TEXT = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
-# RFC 3339 date-time: seconds required, "T" (or "t"), a "Z" or a "+hh:mm" offset.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+# RFC 3339 date-time: seconds required, "T" (or "t"), a "Z" or a "+hh:mm" offset
+# with hh 00-23 and mm 00-59 (Python would take +00:60 as an hour).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)"
+)
 
 
 # These parse the text themselves: after a before-validator, strict mode
@@ -42,7 +54,14 @@ def _rfc3339(value: object) -> object:
         return value
     if not _RFC3339.fullmatch(value):
         raise ValueError("must be an RFC 3339 timestamp with seconds and an offset")
-    return datetime.fromisoformat(value.upper())
+    parsed = datetime.fromisoformat(value.upper())
+    try:
+        parsed.astimezone(UTC)
+    except OverflowError:
+        # 9999-12-31T23:00:00-01:00 is a valid text, but no instant PostgreSQL
+        # and Python share: refused here rather than when it is written.
+        raise ValueError("is out of range once converted to UTC") from None
+    return parsed
 
 
 # camelCase on the wire, snake_case in Python; unknown keys ignored.
@@ -81,7 +100,8 @@ class LifecycleEvent(_Inbound):
 
 
 class SpawnedEvent(_Inbound):
-    parent_session_id: Reference | None = None
+    # A session id, as a subject token carries it (the parent's own events will).
+    parent_session_id: Identifier | None = None
     workspace_id: Reference | None = None
     task_id: Reference | None = None
     task: TaskName | None = None
@@ -166,12 +186,32 @@ class DeadLetterEvent(_Envelope):
     )
     reason: str
     error: str
-    subject: str
+    subject: str = Field(
+        description="As published; bytes that are not UTF-8, NUL and backslash written as \\xNN "
+        "when it held any (dead_letters.subject_bytes keeps the exact bytes)."
+    )
     deliveries: int
-    payload_base64: str
+    payload_base64: str = Field(
+        description="The original bytes, or when payloadTruncated their first half of the "
+        "server's max_payload (512 KiB by default): the whole body is in dead_letters.payload."
+    )
+    payload_size: int = Field(description="Length of the original body, bytes.")
+    payload_truncated: bool
 
 
 OutboundEvent = DetectionEvent | DetectionEscalatedEvent | MappingEvent | DeadLetterEvent
+
+
+def _storable(value: str) -> str:
+    if UNSTORABLE_TEXT.search(value):
+        raise ValueError("must not contain U+0000 or an unpaired surrogate")
+    return value
+
+
+# An id the database can be asked about: text holds no NUL.
+StoredId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256), AfterValidator(_storable)
+]
 
 
 class ResolveRequest(BaseModel):
@@ -179,8 +219,8 @@ class ResolveRequest(BaseModel):
 
     model_config = _STRICT_CAMEL
 
-    detection_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    resolved_by: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    detection_id: StoredId
+    resolved_by: StoredId
     resolution: Literal["acknowledged", "dismissed", "escalated", "fixed"]
 
 

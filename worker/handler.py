@@ -7,15 +7,24 @@ A lane hands over what one fetch returned, in stream order. The ack policy:
   server does not redeliver it;
 - PostgreSQL unreachable: raise `LaneLost`; the lane gives the messages back
   and the next owner of the lane gets them again, in order;
+- a transient condition of the database (db.TRANSIENT_ERRORS: a lock or
+  statement timeout, a cancel, a serialization failure or deadlock, full
+  resources): the same transaction is retried in place with backoff for as
+  long as it lasts, without counting against any message;
 - any other failure: the batch is retried one message at a time, each in
   place with backoff (not `nak`, which would let later events of the same
   session overtake it); a message that fails HANDLER_ATTEMPTS times is
-  dead-lettered as `handler_error`.
+  dead-lettered as `handler_error`. Storing a dead letter has the same limit;
+  then it is stored in its last-resort form (ASCII text, no headers, the
+  announcement without the body), and should even that fail HANDLER_ATTEMPTS
+  times the message is logged in full, counted, and terminated: nothing
+  leaves the lane waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 from dataclasses import dataclass
@@ -25,19 +34,32 @@ from nats.aio.msg import Msg
 
 from worker import db, outbound
 from worker.bus import NATS_ERRORS
-from worker.constants import HANDLER_ATTEMPTS, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS
+from worker.constants import (
+    DEAD_LETTER_ANNOUNCED_SHARE,
+    HANDLER_ATTEMPTS,
+    HANDLER_RETRY_BASE_SECONDS,
+    HANDLER_RETRY_MAX_SECONDS,
+    RECONNECT_BASE_SECONDS,
+    RECONNECT_MAX_SECONDS,
+)
 from worker.db import Connection
 from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason, retry_delay
 from worker.effects import apply_batch
 from worker.intake import Intake, decode
 from worker.metrics import Metrics
+from worker.storable import StoredForms, ascii_only, stored_forms
 from worker.subjects import as_published
+from worker.wire import WireMsg, raw
 
 log = structlog.get_logger("worker.handler")
 
 
 class LaneLost(Exception):
     """The lane's database connection (and with it the lane's lock) is gone."""
+
+
+class Released(LaneLost):
+    """The lane was asked to let go while waiting out the database: its messages go back."""
 
 
 @dataclass(frozen=True)
@@ -49,74 +71,90 @@ class Handled:
 @dataclass
 class _Message:
     msg: Msg
-    subject: str  # as published
+    stored: StoredForms  # subject as published, and headers, as a dead letter keeps them
     kind: str  # metric label: lifecycle, "signal" or "unknown"
     intake: Intake | None = None
     rejected: DeadLetterError | None = None
+    # Storing its dead letter failed HANDLER_ATTEMPTS times: store the plainest form.
+    last_resort: bool = False
+
+    @property
+    def subject(self) -> str:
+        return self.stored.subject
 
 
 class MessageHandler:
-    def __init__(self, prefix: str, metrics: Metrics) -> None:
+    """Handles a lane's batches; `max_payload` is the NATS server's, bytes."""
+
+    def __init__(self, prefix: str, metrics: Metrics, max_payload: int) -> None:
         self.prefix = prefix
         self.metrics = metrics
+        # However large the body, its dead letter's announcement fits.
+        self.announced_bytes = int(max_payload * DEAD_LETTER_ANNOUNCED_SHARE)
 
-    async def handle_batch(self, conn: Connection, msgs: list[Msg]) -> list[Handled]:
-        """Handle fetched messages in order; raises LaneLost when the database is gone."""
+    async def handle_batch(
+        self, conn: Connection, msgs: list[Msg], release: asyncio.Event | None = None
+    ) -> list[Handled]:
+        """Handle fetched messages in order; raises LaneLost when the database is gone,
+        Released when `release` is set while the database is being waited out."""
         started = time.perf_counter()
         messages = [self._decode(msg) for msg in msgs]
-        try:
-            outcomes = await self._commit(conn, messages)
-        except db.CONNECTION_ERRORS as err:
-            self._requeued(messages, started)
-            raise LaneLost(str(err)) from err
-        except Exception as err:
-            if conn.is_closed():
-                self._requeued(messages, started)
-                raise LaneLost(str(err)) from err
-            log.warning(
-                "batch.retried_singly",
-                action="batch.split",
-                messages=len(messages),
-                error=f"{type(err).__name__}: {err}",
-            )
-            return [await self._handle_alone(conn, message, started) for message in messages]
+        waits = 0
+        while True:
+            try:
+                outcomes = await self._commit(conn, messages)
+                break
+            except db.TRANSIENT_ERRORS as err:
+                waits += 1
+                await self._wait_out(conn, messages, err, waits, started, release)
+            except Exception as err:
+                self._raise_if_lost(conn, err, messages, started)
+                log.warning(
+                    "batch.retried_singly",
+                    action="batch.split",
+                    messages=len(messages),
+                    error=_described(err),
+                )
+                return [
+                    await self._handle_alone(conn, message, started, release)
+                    for message in messages
+                ]
         for message, handled in zip(messages, outcomes, strict=True):
             await self._settle(message, handled, started)
         return outcomes
 
-    async def _handle_alone(self, conn: Connection, message: _Message, started: float) -> Handled:
+    async def _handle_alone(
+        self, conn: Connection, message: _Message, started: float, release: asyncio.Event | None
+    ) -> Handled:
         """One message in its own transaction, retried in place until it gives up."""
-        attempt = 0
+        failures = 0
+        waits = 0
         while True:
-            attempt += 1
             try:
                 (handled,) = await self._commit(conn, [message])
                 break
-            except db.CONNECTION_ERRORS as err:
-                self._requeued([message], started)
-                raise LaneLost(str(err)) from err
+            except db.TRANSIENT_ERRORS as err:
+                waits += 1
+                await self._wait_out(conn, [message], err, waits, started, release)
+                continue
             except Exception as err:
-                if conn.is_closed():
-                    self._requeued([message], started)
-                    raise LaneLost(str(err)) from err
-                delay = retry_delay(attempt, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS)
-                if attempt >= HANDLER_ATTEMPTS and message.intake is not None:
-                    # Give up applying it: dead-letter it instead (right away;
-                    # should even that fail, it is retried with the backoff).
-                    message.intake = None
-                    message.rejected = DeadLetterError(
-                        DeadLetterReason.HANDLER_ERROR,
-                        f"applying the event failed {attempt} times, last with "
-                        f"{type(err).__name__}: {err}",
-                    )
+                self._raise_if_lost(conn, err, [message], started)
+                failures += 1
+                if failures >= HANDLER_ATTEMPTS:
+                    failures = 0
+                    if not self._give_up(message, err):
+                        handled = Handled("unstored", "unstorable")
+                        self._log_unstored(message, err)
+                        break
                     continue
+                delay = retry_delay(failures, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS)
                 self.metrics.events.labels(message.kind, "retried").inc()
                 log.warning(
                     "event.retry",
                     action="event.retry",
                     subject=message.subject,
-                    attempt=attempt,
-                    error=f"{type(err).__name__}: {err}",
+                    attempt=failures,
+                    error=_described(err),
                     retry_in=delay,
                 )
                 with contextlib.suppress(*NATS_ERRORS):
@@ -124,6 +162,67 @@ class MessageHandler:
                 await asyncio.sleep(delay)
         await self._settle(message, handled, started)
         return handled
+
+    def _give_up(self, message: _Message, err: Exception) -> bool:
+        """After HANDLER_ATTEMPTS failures, the next way to settle the message; False: none left."""
+        if message.intake is not None:
+            # Give up applying it: dead-letter it instead (right away).
+            message.intake = None
+            message.rejected = DeadLetterError(
+                DeadLetterReason.HANDLER_ERROR,
+                f"applying the event failed {HANDLER_ATTEMPTS} times, last with {_described(err)}",
+            )
+            return True
+        if not message.last_resort:
+            log.error(
+                "dead_letter.last_resort",
+                action="dead_letter.store",
+                subject=message.subject,
+                error=_described(err),
+            )
+            message.last_resort = True
+            return True
+        return False
+
+    async def _wait_out(
+        self,
+        conn: Connection,
+        messages: list[_Message],
+        err: Exception,
+        waits: int,
+        started: float,
+        release: asyncio.Event | None,
+    ) -> None:
+        """Back off before the same transaction again: the database, not the messages, failed."""
+        self._raise_if_lost(conn, err, messages, started)
+        delay = retry_delay(waits, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+        log.warning(
+            "batch.waiting_for_database",
+            action="batch.wait",
+            messages=len(messages),
+            waits=waits,
+            error=_described(err),
+            retry_in=delay,
+        )
+        for message in messages:
+            # Keeps the server from redelivering them meanwhile (the ack wait restarts).
+            with contextlib.suppress(*NATS_ERRORS):
+                await message.msg.in_progress()
+        if release is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), timeout=delay)
+            if release.is_set():
+                self._requeued(messages, started)
+                raise Released(f"released while waiting for the database: {_described(err)}")
+
+    def _raise_if_lost(
+        self, conn: Connection, err: Exception, messages: list[_Message], started: float
+    ) -> None:
+        if isinstance(err, db.CONNECTION_ERRORS) or conn.is_closed():
+            self._requeued(messages, started)
+            raise LaneLost(str(err)) from err
 
     async def _commit(self, conn: Connection, messages: list[_Message]) -> list[Handled]:
         """Apply the messages and write their dead letters, all in one transaction."""
@@ -146,12 +245,17 @@ class MessageHandler:
         return handled
 
     def _decode(self, msg: Msg) -> _Message:
-        subject = as_published(self.prefix, msg.subject)
-        message = _Message(msg, subject, _kind_of(subject))
+        # Subject and headers may hold any bytes the server accepted (worker.wire).
+        headers = msg.published_headers() if isinstance(msg, WireMsg) else msg.headers
+        stored = stored_forms(
+            raw(as_published(self.prefix, msg.subject)),
+            {raw(k): raw(v) for k, v in headers.items()} if headers else None,
+        )
+        message = _Message(msg, stored, _kind_of(stored.subject))
         if msg.metadata.num_delivered > 1:
             self.metrics.redeliveries.inc()
         try:
-            message.intake = decode(self.prefix, subject, msg.data)
+            message.intake = decode(self.prefix, stored.subject, msg.data)
         except DeadLetterError as rejected:
             message.rejected = rejected
         except Exception as err:  # a surprise in decoding is a dead letter, not a dead lane
@@ -164,19 +268,27 @@ class MessageHandler:
     async def _dead_letter(
         self, conn: Connection, message: _Message, rejected: DeadLetterError
     ) -> None:
-        msg, meta = message.msg, message.msg.metadata
+        msg, meta, stored = message.msg, message.msg.metadata, message.stored
         deliveries = meta.num_delivered
         if rejected.reason is DeadLetterReason.HANDLER_ERROR:
             deliveries = max(deliveries, HANDLER_ATTEMPTS)
+        subject, headers, error = stored.subject, stored.headers, rejected.error
+        if message.last_resort:
+            # Plain ASCII and no jsonb: what any text column takes; the bytes
+            # columns still hold the subject and headers exactly.
+            subject, headers = ascii_only(subject), None
+            error = ascii_only(f"stored in its last-resort form; {error}")
         letter = await db.insert_dead_letter(
             conn,
-            subject=message.subject,
-            headers=dict(msg.headers) if msg.headers else None,
+            subject=subject,
+            headers=headers,
             payload=msg.data,
             reason=rejected.reason.value,
-            error=rejected.error,
+            error=error,
             deliveries=deliveries,
             stream_position=f"{meta.stream}:{meta.sequence.stream}:{meta.timestamp.isoformat()}",
+            subject_bytes=stored.subject_bytes,
+            headers_bytes=stored.headers_bytes,
         )
         if letter is None:
             return  # a redelivery of a message dead-lettered before
@@ -189,10 +301,11 @@ class MessageHandler:
                     occurred_at=letter.created_at,
                     causation_id=message.intake.event.event_id if message.intake else None,
                     reason=rejected.reason.value,
-                    error=rejected.error,
-                    subject=message.subject,
+                    error=error,
+                    subject=subject,
                     deliveries=deliveries,
-                    payload=msg.data,
+                    payload=b"" if message.last_resort else msg.data,
+                    announced_bytes=self.announced_bytes,
                 )
             ],
         )
@@ -201,7 +314,7 @@ class MessageHandler:
         # An ack lost here is harmless: the message comes back and the ledger
         # (or the dead letter's stream position) recognises it.
         try:
-            if handled.outcome == "dead_lettered":
+            if handled.outcome in ("dead_lettered", "unstored"):
                 await message.msg.term()
             else:
                 await message.msg.ack()
@@ -214,6 +327,21 @@ class MessageHandler:
         if handled.reason:
             self.metrics.dead_letters.labels(handled.reason).inc()
         self._log(message, handled.outcome, started, handled.reason)
+
+    def _log_unstored(self, message: _Message, err: Exception) -> None:
+        """Nothing could store it: the log line is the last record of the message."""
+        self.metrics.unstored.inc()
+        meta = message.msg.metadata
+        log.error(
+            "dead_letter.unstored",
+            action="dead_letter.store",
+            subject=message.subject,
+            reason=message.rejected.reason.value if message.rejected else None,
+            stream_seq=meta.sequence.stream,
+            headers=message.stored.headers,
+            payload_base64=base64.b64encode(message.msg.data).decode("ascii"),
+            error=_described(err),
+        )
 
     def _requeued(self, messages: list[_Message], started: float) -> None:
         for message in messages:
@@ -238,6 +366,10 @@ class MessageHandler:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             **({"reason": reason} if reason else {}),
         )
+
+
+def _described(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def _kind_of(subject: str) -> str:

@@ -8,6 +8,7 @@ is it JSON, is it a valid event, does it say what its subject says.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -15,12 +16,19 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from worker.constants import MAX_EVENT_BYTES
+from worker.constants import MAX_EVENT_BYTES, MAX_KNOWN_VALUE_DEPTH
 from worker.domain import DeadLetterError, DeadLetterReason, ended_status
 from worker.events import EndedEvent, InboundEvent, LifecycleEvent, SignalEvent, SpawnedEvent
+from worker.storable import UNSTORABLE_TEXT
 from worker.subjects import Route, parse_inbound
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# One JSON token after optional whitespace: a string, a number, a literal or
+# punctuation (RFC 8259; digits are ASCII digits only, as in the C parser).
+_TOKEN = re.compile(
+    r'[ \t\n\r]*(?:("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")'
+    r"|(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)|(true|false|null)|([{}\[\]:,]))"
+)
+_STRING, _NUMBER, _LITERAL, _PUNCTUATION = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -42,20 +50,15 @@ def decode(prefix: str, subject: str, body: bytes) -> Intake:
             DeadLetterReason.TOO_LARGE,
             f"body is {len(body)} bytes, more than the {MAX_EVENT_BYTES} allowed",
         )
-    document = _json_object(body)
     model = _model_for(route)
     # Only the keys this model knows are checked: unknown keys are ignored
     # whatever they hold (spokes upgrade independently).
-    known = {key: value for key, value in document.items() if key in _aliases(model)}
+    known = _known_members(body, _aliases(model))
     try:
-        if _unstorable(known):
-            # PostgreSQL text and jsonb cannot hold U+0000 or a lone UTF-16
-            # surrogate; refusing them here gives a clear reason instead of
-            # five failed deliveries.
-            _reject(
-                DeadLetterReason.INVALID_EVENT,
-                "a string in the body contains U+0000 or an unpaired surrogate",
-            )
+        if (problem := _unstorable(known)) is not None:
+            # What PostgreSQL or the outbound serializer would refuse is refused
+            # here, with a clear reason, instead of after five failed deliveries.
+            _reject(DeadLetterReason.INVALID_EVENT, f"invalid event: {problem}")
         # Strict: nothing is coerced (the eventId and occurredAt validators
         # read their own text forms).
         event = model.model_validate(known, strict=True)
@@ -82,43 +85,121 @@ def _model_for(route: Route) -> type[InboundEvent]:
     return LifecycleEvent
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
 @cache
 def _aliases(model: type[InboundEvent]) -> frozenset[str]:
     return frozenset(field.alias or name for name, field in model.model_fields.items())
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+class _NotJson(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _known_members(body: bytes, known: frozenset[str]) -> dict[str, Any]:
+    """The members of the body's JSON object whose keys are in `known`, parsed."""
     try:
         text = body.decode("utf-8")
-        document = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError as err:
         _reject(
             DeadLetterReason.INVALID_JSON, f"body is not UTF-8: {err.reason} at byte {err.start}"
         )
-    except ValueError as err:
+    try:
+        document = json.loads(text, parse_constant=_reject_constant)
+    except _NotJson as err:
         _reject(DeadLetterReason.INVALID_JSON, f"body is not JSON: {err}")
-    except RecursionError:
-        _reject(DeadLetterReason.INVALID_JSON, "body nests deeper than the JSON parser allows")
+    except json.JSONDecodeError as err:
+        _reject(DeadLetterReason.INVALID_JSON, f"body is not JSON: {err}")
+    except (RecursionError, ValueError):
+        # Nested deeper than the parser recurses, or an integer too long to
+        # convert: the text is checked without recursion and only the known
+        # members are parsed, so what unknown keys hold does not matter.
+        return {key: _parsed_member(key, value) for key, value in _members(text) if key in known}
     if not isinstance(document, dict):
         _reject(
             DeadLetterReason.INVALID_JSON,
             f"body is JSON but a {type(document).__name__}, not an object",
         )
-    return document
+    return {key: value for key, value in document.items() if key in known}
 
 
-def _unstorable(value: object) -> bool:
-    if isinstance(value, str):
-        return _UNSTORABLE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_unstorable(k) or _unstorable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_unstorable(v) for v in value)
-    return False
+def _parsed_member(key: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        _reject(
+            DeadLetterReason.INVALID_EVENT,
+            f"invalid event: {key}: nests deeper than {MAX_KNOWN_VALUE_DEPTH} levels",
+        )
+    except ValueError as err:
+        _reject(DeadLetterReason.INVALID_EVENT, f"invalid event: {key}: {err}")
+
+
+def _members(text: str) -> list[tuple[str, str]]:
+    """(key, value text) of each member of the JSON object `text`, checked without recursion.
+
+    Raises DeadLetterError (invalid_json) where `text` is not a JSON object.
+    """
+    stack: list[str] = []  # the open "{" and "[" around the position
+    state = "value"  # what may come next: value, first_value, first_key, key, colon, after, end
+    members: list[tuple[str, str]] = []
+    key, value_start, position = "", 0, 0
+    while (token := _TOKEN.match(text, position)) is not None:
+        kind, position = token.lastindex, token.end()
+        symbol = token.group(_PUNCTUATION)
+        if state == "end" or (state == "value" and not stack and symbol != "{"):
+            break  # a second value, or a top-level value that is not an object
+        completed = False
+        if state in ("value", "first_value") and kind != _PUNCTUATION:
+            completed = True
+        elif state in ("value", "first_value") and symbol in ("{", "["):
+            stack.append(symbol)
+            state = "first_key" if symbol == "{" else "first_value"
+        elif state in ("first_key", "key") and kind == _STRING:
+            if len(stack) == 1:
+                key = json.loads(token.group(_STRING))
+            state = "colon"
+        elif state == "colon" and symbol == ":":
+            if len(stack) == 1:
+                value_start = position
+            state = "value"
+        elif state == "after" and symbol == ",":
+            state = "key" if stack[-1] == "{" else "value"
+        elif (state in ("after", "first_key") and symbol == "}" and stack[-1] == "{") or (
+            state in ("after", "first_value") and symbol == "]" and stack[-1] == "["
+        ):
+            stack.pop()
+            completed = True
+        else:
+            break
+        if completed:
+            state = "after" if stack else "end"
+            if len(stack) == 1:  # a member of the top-level object is complete
+                members.append((key, text[value_start:position]))
+    if state != "end" or text[position:].strip(" \t\n\r"):
+        _reject(DeadLetterReason.INVALID_JSON, f"body is not a JSON object (at char {position})")
+    return members
+
+
+def _unstorable(known: dict[str, Any]) -> str | None:
+    """What in these values PostgreSQL or the outbound serializer would refuse, if anything."""
+    pending: list[tuple[object, int]] = [(value, 1) for value in known.values()]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_KNOWN_VALUE_DEPTH:
+            return f"a value nests deeper than {MAX_KNOWN_VALUE_DEPTH} levels"
+        if isinstance(value, str) and UNSTORABLE_TEXT.search(value) is not None:
+            return "a string contains U+0000 or an unpaired surrogate"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "a number is too large to store (it overflows to infinity)"
+        if isinstance(value, dict):
+            pending.extend((k, depth) for k in value)
+            pending.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            pending.extend((v, depth + 1) for v in value)
+    return None
 
 
 def _describe(err: ValidationError) -> str:

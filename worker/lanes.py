@@ -234,7 +234,7 @@ class LaneManager:
                 next_delivery = deliveries[-1] + 1
                 self.metrics.batch_size.observe(len(batch))
                 try:
-                    await self.handler.handle_batch(conn, batch)
+                    await self.handler.handle_batch(conn, batch, owned.release)
                 except LaneLost:
                     await _give_back(batch)
                     raise

@@ -32,29 +32,40 @@ async def lead(
 ) -> None:
     """Try to lead `role` until `stopping`; while leading, run `duty(conn, stopping)`.
 
-    The duty returns when `stopping` is set (after finishing its work) and
-    raises a connection error when the database goes away; leadership is
-    then sought again after a backoff.
+    The duty returns when `stopping` is set (after finishing its work). Whatever
+    it raises (the database gone, a statement timed out behind an operator's
+    lock, a bug) is logged, the connection and with it the leadership let go,
+    and leadership sought again after a backoff: a duty never stops the worker.
     """
     failures = 0
     while not stopping.is_set():
         conn: db.Connection | None = None
         try:
             conn = await db.connect(dsn, application_name=f"hub-worker:{role}")
-            failures = 0
             while not stopping.is_set():
                 if await db.try_lock(conn, lock_namespace, lock_key):
                     log.info("leader.elected", action="leader.elected", role=role)
                     await duty(conn, stopping)
+                    failures = 0
                     await db.unlock(conn, lock_namespace, lock_key)
                     break
                 await pause(stopping, LEADER_RETRY_SECONDS)
-        except db.CONNECTION_ERRORS as err:
+        except Exception as err:
             failures += 1
             delay = retry_delay(failures, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
-            log.warning(
-                "leader.lost", action="leader.lost", role=role, error=str(err), retry_in=delay
-            )
+            if isinstance(err, db.CONNECTION_ERRORS + db.TRANSIENT_ERRORS):
+                log.warning(
+                    "leader.lost", action="leader.lost", role=role, error=str(err), retry_in=delay
+                )
+            else:
+                log.error(
+                    "leader.duty_failed",
+                    action="leader.failed",
+                    role=role,
+                    error=f"{type(err).__name__}: {err}",
+                    retry_in=delay,
+                    exc_info=True,
+                )
             await pause(stopping, delay)
         finally:
             if conn is not None:

@@ -44,6 +44,12 @@ class Metrics:
         self.dead_letters = Counter(
             "hub_worker_dead_letters", "Messages dead-lettered, by reason.", ["reason"], registry=r
         )
+        self.unstored = Counter(
+            "hub_worker_unstored_messages",
+            "Inbound messages whose dead letter could not be stored even in its last-resort "
+            "form: logged in full (dead_letter.unstored) and terminated.",
+            registry=r,
+        )
         self.consumer_pending = Gauge(
             "hub_worker_consumer_pending_messages",
             "Messages not yet delivered, per lane consumer (from consumer info).",

@@ -93,8 +93,13 @@ def dead_lettered(
     subject: str,
     deliveries: int,
     payload: bytes,
+    announced_bytes: int,
 ) -> OutboxRow:
-    """`P.deadletter.{reason}` announcing a stored dead letter with its original bytes."""
+    """`P.deadletter.{reason}` announcing a stored dead letter with its original bytes.
+
+    A body longer than `announced_bytes` is cut to that length
+    (`payloadTruncated`); the stored row keeps all of it.
+    """
     event_id = uuid4()
     body = DeadLetterEvent(
         event_id=event_id,
@@ -106,7 +111,9 @@ def dead_lettered(
         error=error,
         subject=subject,
         deliveries=deliveries,
-        payload_base64=base64.b64encode(payload).decode("ascii"),
+        payload_base64=base64.b64encode(payload[:announced_bytes]).decode("ascii"),
+        payload_size=len(payload),
+        payload_truncated=len(payload) > announced_bytes,
     )
     return OutboxRow(
         event_id,

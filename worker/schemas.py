@@ -429,6 +429,8 @@ def examples() -> dict[str, list[tuple[str, dict[str, Any]]]]:
                         .replace("{sessionId}", "sess-42"),
                         deliveries=1,
                         payload_base64="bm90IGpzb24=",
+                        payload_size=8,
+                        payload_truncated=False,
                     )
                 ),
             )

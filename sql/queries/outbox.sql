@@ -19,8 +19,9 @@ SELECT count(*) AS rows, min(created_at) AS oldest FROM outbox;
 
 -- name: insert_dead_letter
 -- A redelivered message that was already dead-lettered returns nothing.
-INSERT INTO dead_letters (subject, headers, payload, reason, error, deliveries, stream_position)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO dead_letters (subject, headers, payload, reason, error, deliveries, stream_position,
+                          subject_bytes, headers_bytes)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (stream_position) DO NOTHING
 RETURNING id, created_at;
 

@@ -302,6 +302,8 @@ DEAD_LETTER_KEYS = ENVELOPE_KEYS | {
     "subject",
     "deliveries",
     "payloadBase64",
+    "payloadSize",
+    "payloadTruncated",
 }
 
 
@@ -315,6 +317,7 @@ def _dead_letter(prefix: str = "hub", **overrides: Any) -> Any:
         "subject": "hub.spoke.sp1.session.s1.started",
         "deliveries": 1,
         "payload": b"not json",
+        "announced_bytes": 512 * 1024,
     }
     fields.update(overrides)
     return dead_lettered(prefix, **fields)
@@ -349,11 +352,25 @@ def test_dead_letter_subject_and_fields(reason: str) -> None:
 
 @pytest.mark.parametrize(
     "original",
-    [b"", b"not json", b"\x00\xff\xfe binary \x80", "ünïcode ✓".encode(), b"x" * (64 * 1024 + 1)],
+    [b"", b"not json", b"\x00\xff\xfe binary \x80", "ünïcode ✓".encode(), b"x" * (512 * 1024)],
 )
 def test_dead_letter_payload_base64_decodes_to_the_original_bytes(original: bytes) -> None:
     body = payload(_dead_letter(payload=original))
     assert base64.b64decode(body["payloadBase64"], validate=True) == original
+    assert body["payloadSize"] == len(original)
+    assert body["payloadTruncated"] is False
+
+
+@pytest.mark.parametrize("size", [512 * 1024 + 1, 1024 * 1024])
+def test_a_dead_letter_announcement_carries_the_start_of_a_large_body(size: int) -> None:
+    original = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    row = _dead_letter(reason="too_large", payload=original)
+    body = payload(row)
+    assert base64.b64decode(body["payloadBase64"], validate=True) == original[: 512 * 1024]
+    assert body["payloadSize"] == size
+    assert body["payloadTruncated"] is True
+    # Whatever arrived, the announcement fits the server's default max_payload.
+    assert len(row.payload) < 1024 * 1024
 
 
 def test_dead_letter_subject_uses_the_prefix() -> None:

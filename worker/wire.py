@@ -1,0 +1,110 @@
+"""What arrives from NATS, byte for byte: a narrow adaptation of nats-py's client.
+
+The NATS server forwards any bytes a publisher put in a subject token or a
+header; nats-py 2.16 assumes well-formed ones. Three places of its reader are
+replaced here, each keeping its behaviour for well-formed messages:
+
+- `_build_message` decodes the subject and reply with `strict` UTF-8; one
+  subject token that is not UTF-8 raises inside the read loop, which then ends
+  without reconnecting: every subscription of the connection goes silent, and
+  after a restart the same stored message stops it again. Here they are decoded
+  with `surrogateescape`, so `raw(msg.subject)` gives the exact bytes back.
+  (No upstream issue found for subjects as of nats-py 2.16; for headers see
+  nats-io/nats.py#491 and #924, which made values decode with `replace`.)
+- `_parse_header_lines` decodes values with `replace` (lossy) and drops names
+  that are not ASCII; here both keep their bytes through `surrogateescape`.
+  `_process_headers` decodes an inline status line strictly; a line that is not
+  UTF-8 is read as ordinary header lines instead of raising.
+- A message a consumer delivers from a stream (its reply is a `$JS.ACK.`
+  subject) never carries a status of the server, but a publisher may have put a
+  `Status` header on it (`Status: 404`, or an inline `NATS/1.0 408` line). nats-py
+  reads that header as the server's answer to the pull: it drops the message, or
+  raises for other codes, and the lane would wait for it forever. Such a header
+  is withheld from `headers` (`is_status_msg` reads it there) and kept in
+  `WireMsg.withheld_headers`, so the message is handled and stored like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import Header
+
+# Replies of messages that a JetStream consumer delivers from its stream.
+_STREAM_DELIVERY = b"$JS.ACK."
+_NATS_HEADER_LINE = b"NATS/1.0"
+_CRLF = b"\r\n"
+
+
+def raw(text: str) -> bytes:
+    """The bytes a text decoded here came from."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class WireMsg(Msg):
+    """A message with the headers nats-py would have misread kept aside."""
+
+    withheld_headers: dict[str, str] | None = None
+
+    def published_headers(self) -> dict[str, str] | None:
+        """Every header as the publisher sent it (names and values through `raw`)."""
+        if not self.withheld_headers:
+            return self.headers
+        return {**(self.headers or {}), **self.withheld_headers}
+
+
+class WireClient(Client):
+    """nats-py's client, reading every byte sequence the server forwards."""
+
+    msg_class: type[Msg] = WireMsg
+
+    def _build_message(
+        self,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        headers: dict[str, str] | None,
+    ) -> WireMsg:
+        withheld = None
+        if headers and reply.startswith(_STREAM_DELIVERY) and Header.STATUS in headers:
+            # In place: nats-py goes on reading this same dict for control messages.
+            withheld = {Header.STATUS.value: headers.pop(Header.STATUS)}
+        return WireMsg(
+            subject=subject.decode("utf-8", "surrogateescape"),
+            reply=reply.decode("utf-8", "surrogateescape"),
+            data=data,
+            headers=headers or None,
+            _client=self,
+            _sid=sid,
+            withheld_headers=withheld,
+        )
+
+    @staticmethod
+    def _parse_header_lines(raw_block: bytes) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for line in raw_block.split(_CRLF):
+            name, colon, value = line.partition(b":")
+            if not colon:
+                continue
+            key = name.strip().decode("utf-8", "surrogateescape")
+            if not key or any(c.isspace() for c in key):
+                continue
+            headers[key] = value.strip().decode("utf-8", "surrogateescape")
+        return headers
+
+    async def _process_headers(self, headers: Any) -> dict[str, str] | None:
+        try:
+            return await super()._process_headers(headers)
+        except UnicodeDecodeError:
+            # Only a status line can raise: the server's own are ASCII, so this
+            # one came from a publisher. Its lines are read as plain headers.
+            block = bytes(headers)
+            first_line_end = block.find(_CRLF)
+            if not block.startswith(_NATS_HEADER_LINE) or first_line_end < 0:
+                return None
+            return self._parse_header_lines(block[first_line_end + len(_CRLF) :]) or None
