@@ -47,7 +47,7 @@ from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason, retry_d
 from worker.effects import apply_batch
 from worker.intake import Intake, decode
 from worker.metrics import Metrics
-from worker.storable import StoredForms, ascii_only, stored_forms
+from worker.storable import StoredForms, ascii_only, header_block, stored_forms
 from worker.subjects import as_published
 from worker.wire import WireMsg, raw
 
@@ -273,11 +273,17 @@ class MessageHandler:
         if rejected.reason is DeadLetterReason.HANDLER_ERROR:
             deliveries = max(deliveries, HANDLER_ATTEMPTS)
         subject, headers, error = stored.subject, stored.headers, rejected.error
+        subject_bytes, headers_bytes = stored.subject_bytes, stored.headers_bytes
         if message.last_resort:
-            # Plain ASCII and no jsonb: what any text column takes; the bytes
-            # columns still hold the subject and headers exactly.
+            # Plain ASCII and no jsonb, what any text column takes; the bytes
+            # columns hold the subject and headers exactly.
             subject, headers = ascii_only(subject), None
             error = ascii_only(f"stored in its last-resort form; {error}")
+            subject_bytes = subject_bytes or stored.subject.encode()
+            if headers_bytes is None and stored.headers:
+                headers_bytes = header_block(
+                    {k.encode(): v.encode() for k, v in stored.headers.items()}
+                )
         letter = await db.insert_dead_letter(
             conn,
             subject=subject,
@@ -287,8 +293,8 @@ class MessageHandler:
             error=error,
             deliveries=deliveries,
             stream_position=f"{meta.stream}:{meta.sequence.stream}:{meta.timestamp.isoformat()}",
-            subject_bytes=stored.subject_bytes,
-            headers_bytes=stored.headers_bytes,
+            subject_bytes=subject_bytes,
+            headers_bytes=headers_bytes,
         )
         if letter is None:
             return  # a redelivery of a message dead-lettered before
@@ -304,8 +310,8 @@ class MessageHandler:
                     error=error,
                     subject=subject,
                     deliveries=deliveries,
-                    payload=b"" if message.last_resort else msg.data,
-                    announced_bytes=self.announced_bytes,
+                    payload=msg.data,
+                    announced_bytes=0 if message.last_resort else self.announced_bytes,
                 )
             ],
         )
