@@ -28,6 +28,8 @@ GRANT SELECT, INSERT, DELETE ON processed_events TO :"runtime_role";
 
 -- The transactional outbox: written with each change, deleted once published.
 GRANT SELECT, INSERT, DELETE ON outbox TO :"runtime_role";
+-- Outbox rows JetStream refused for good are moved aside with the reason, and kept.
+GRANT SELECT, INSERT ON outbox_set_aside TO :"runtime_role";
 
 -- Bad input is stored (and its id returned for the announcement).
 GRANT SELECT, INSERT ON dead_letters TO :"runtime_role";

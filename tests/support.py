@@ -31,6 +31,14 @@ from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTLE_TIMEOUT_SECONDS = 30.0
+# What Worker.readiness() answers when all is well.
+READY = {
+    "nats": "ok",
+    "consumer": "ok",
+    "postgres": "ok",
+    "relay": "ok",
+    "out_stream": "ok",
+}
 
 
 async def start_hub_worker(

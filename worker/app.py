@@ -20,6 +20,7 @@ from worker.constants import (
     READINESS_QUERY_SECONDS,
     RECONNECT_BASE_SECONDS,
     RECONNECT_MAX_SECONDS,
+    RELAY_STALL_SECONDS,
 )
 from worker.domain import retry_delay
 from worker.handler import MessageHandler
@@ -108,6 +109,14 @@ class Worker:
         self.sweep: StallSweep | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.consumers_seen_at: float | None = None
+        # The relay's progress as every replica sees it in the database: the oldest
+        # outbox row (its id), since when it has been the oldest, and the backlog.
+        self.relay_stall_seconds = RELAY_STALL_SECONDS
+        self.outbox_head: int | None = None
+        self.outbox_head_since = time.monotonic()
+        self.outbox_rows = 0
+        # None until sampled.
+        self.out_stream_missing: bool | None = None
 
     def __repr__(self) -> str:
         return (
@@ -225,8 +234,15 @@ class Worker:
         dead = [t.get_name() for t in self.tasks if t.done()]
         return {"loops": "ok" if not dead else f"stopped: {', '.join(sorted(dead))}"}
 
+    def relay_stalled_for(self) -> float:
+        """Seconds the oldest outbox row has stayed the oldest (0: the outbox is empty)."""
+        if self.outbox_head is None:
+            return 0.0
+        return time.monotonic() - self.outbox_head_since
+
     async def readiness(self) -> Checks:
-        """NATS connected, the consumers answered recently, PostgreSQL answers."""
+        """NATS connected, the consumers answered recently, PostgreSQL answers,
+        the relay moves, the outbound stream exists."""
         checks: Checks = {}
         bus = self.bus
         checks["nats"] = "ok" if bus is not None and bus.nc.is_connected else "not connected"
@@ -252,6 +268,21 @@ class Worker:
                 # Fresh connections for the next probe and command: after a failover
                 # they may reach the new primary, after a cut they work again.
                 await self.pool.expire_connections()
+        # Seen in the database and in JetStream, so every replica answers the
+        # same whichever runs the relay (docs/decisions.md, "Outbound").
+        stalled = self.relay_stalled_for()
+        checks["relay"] = (
+            "ok"
+            if stalled < self.relay_stall_seconds
+            else f"stuck: {self.outbox_rows} outbound events wait and the oldest has been "
+            f"neither published nor set aside for {stalled:.0f}s"
+        )
+        checks["out_stream"] = (
+            "missing: the outbound stream does not exist (the relay recreates it when it "
+            "next publishes)"
+            if self.out_stream_missing
+            else "ok"
+        )
         return checks
 
     async def _sample(self, all_lanes: list[Lane], stopping: asyncio.Event) -> None:
@@ -270,11 +301,22 @@ class Worker:
             except NATS_ERRORS as err:
                 log.warning("sample.consumers_failed", action="sample", error=str(err))
             try:
-                rows, oldest = await db.outbox_backlog(self.pool)
-                self.metrics.outbox_backlog.set(rows)
+                subjects = await self.bus.out_stream_subjects()
+                self.out_stream_missing = subjects is None
+                self.metrics.out_stream_missing.set(1 if subjects is None else 0)
+            except NATS_ERRORS as err:
+                log.warning("sample.out_stream_failed", action="sample", error=str(err))
+            try:
+                backlog = await db.outbox_backlog(self.pool)
+                oldest = backlog.oldest
+                self.metrics.outbox_backlog.set(backlog.rows)
                 self.metrics.outbox_oldest_age.set(
                     0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
                 )
+                if backlog.head is None or backlog.head != self.outbox_head:
+                    self.outbox_head_since = time.monotonic()
+                self.outbox_head, self.outbox_rows = backlog.head, backlog.rows
+                self.metrics.relay_stalled.set(self.relay_stalled_for())
             # A gauge is not worth the worker: whatever the pool's connection
             # does (see readiness), sample again next time.
             except Exception as err:

@@ -449,6 +449,14 @@ class Bus:
             headers={"Nats-Msg-Id": msg_id},
         )
 
+    async def out_stream_subjects(self) -> list[str] | None:
+        """What PU_OUT captures, or None when the stream does not exist."""
+        try:
+            info = await self.js.stream_info(self.settings.out_stream)
+        except nats.js.errors.NotFoundError:
+            return None
+        return list(info.config.subjects or [])
+
     async def publish_window(
         self, messages: list[tuple[str, bytes, str]]
     ) -> list[Exception | None]:
@@ -465,22 +473,32 @@ class Bus:
             self._acks = await self.nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
         loop = asyncio.get_running_loop()
         waiting: list[asyncio.Future[None]] = []
-        try:
-            for subject, payload, msg_id in messages:
-                self._ack_counter += 1
-                token = str(self._ack_counter)
-                future: asyncio.Future[None] = loop.create_future()
-                self._ack_futures[token] = future
-                waiting.append(future)
+        unsent: Exception | None = None
+        for subject, payload, msg_id in messages:
+            self._ack_counter += 1
+            token = str(self._ack_counter)
+            future: asyncio.Future[None] = loop.create_future()
+            self._ack_futures[token] = future
+            waiting.append(future)
+            try:
                 await self.nc.publish(
                     subject,
                     payload,
                     reply=f"{self._ack_prefix}.{token}",
                     headers={"Nats-Msg-Id": msg_id},
                 )
-            unsent: Exception | None = None
-        except NATS_ERRORS as err:
-            unsent = err
+            except nats.errors.MaxPayloadError as err:
+                # Refused by the client before sending, for this message alone:
+                # the others of the window (other aggregates) still go.
+                del self._ack_futures[token]
+                future.set_exception(err)
+            except NATS_ERRORS as err:
+                # The connection will not take it (closed, reconnecting, full
+                # buffer): neither this message nor the rest of the window left.
+                del self._ack_futures[token]
+                future.set_exception(err)
+                unsent = err
+                break
         results: list[Exception | None] = []
         if waiting:
             _, late = await asyncio.wait(waiting, timeout=PUBLISH_ACK_TIMEOUT_SECONDS)
@@ -509,7 +527,7 @@ class Bus:
             future.set_exception(err)
             return
         if "error" in reply:
-            future.set_exception(nats.js.errors.APIError.from_error(reply["error"]))
+            future.set_exception(api_error(reply["error"]))
         else:
             future.set_result(None)
 
@@ -536,6 +554,22 @@ class Bus:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         except NATS_ERRORS:
             await self.nc.close()
+
+
+def api_error(error: Any) -> nats.js.errors.APIError:
+    """The error of a JetStream API reply (`{"code", "err_code", "description"}`).
+
+    nats-py's `APIError.from_error` raises the error instead of returning it;
+    raised inside an ack callback, it left the publish waiting for its timeout
+    with the server's reason lost.
+    """
+    try:
+        nats.js.errors.APIError.from_error(error)
+    except nats.js.errors.APIError as err:
+        return err
+    except (KeyError, TypeError):  # not the shape nats-py expects
+        pass
+    return nats.js.errors.APIError(description=str(error))
 
 
 class ConnectionWatch:

@@ -75,6 +75,10 @@ COMMAND_POOL_SIZE = 4
 # not ready, seconds; the time /readyz gives PostgreSQL to answer, seconds.
 METRICS_SAMPLE_SECONDS = 2.0
 CONSUMER_STALE_SECONDS = 15.0
+# /readyz says the relay is stuck when the oldest outbox row has stayed the same
+# (nothing published or set aside) this long, seconds. A moving relay replaces it
+# within a window's ack wait (PUBLISH_ACK_TIMEOUT_SECONDS).
+RELAY_STALL_SECONDS = 30.0
 READINESS_QUERY_SECONDS = 1.0
 # Consecutive fetch failures after which a lane recreates its stream,
 # consumer and subscription as needed.

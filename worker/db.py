@@ -104,6 +104,7 @@ class Queries:
     pending_outbox: str
     delete_outbox: str
     outbox_backlog: str
+    set_aside_outbox: str
     relax_durability: str
     insert_dead_letter: str
     # coordination.sql
@@ -365,10 +366,37 @@ async def relax_durability(conn: Connection) -> None:
     await conn.execute(queries().relax_durability)
 
 
-async def outbox_backlog(conn: Connection | Pool) -> tuple[int, datetime | None]:
+@dataclass(frozen=True)
+class OutboxBacklog:
+    rows: int
+    oldest: datetime | None
+    # The id of the next row to publish (None: the outbox is empty).
+    head: int | None
+
+
+async def outbox_backlog(conn: Connection | Pool) -> OutboxBacklog:
     row = await conn.fetchrow(queries().outbox_backlog)
     assert row is not None
-    return int(row["rows"]), row["oldest"]
+    return OutboxBacklog(int(row["rows"]), row["oldest"], row["head"])
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """An outbox row JetStream refused for good: its id, a short reason, what was said."""
+
+    id: int
+    reason: str
+    error: str
+
+
+async def set_aside_outbox(conn: Connection, rows: list[SetAside]) -> None:
+    if rows:
+        await conn.execute(
+            queries().set_aside_outbox,
+            [r.id for r in rows],
+            [r.reason for r in rows],
+            [r.error for r in rows],
+        )
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,31 @@ class Metrics:
             ["type"],
             registry=r,
         )
+        self.publish_failures = Counter(
+            "hub_worker_outbox_publish_failures",
+            "Outbound publishes that failed, by reason (timeout, no_stream, unavailable, "
+            "disconnected: retried; max_payload, too_large, rejected, not_captured: set aside).",
+            ["reason"],
+            registry=r,
+        )
+        self.set_aside = Counter(
+            "hub_worker_outbox_set_aside",
+            "Outbox rows JetStream refused for good, moved to the outbox_set_aside table, "
+            "by type and reason.",
+            ["type", "reason"],
+            registry=r,
+        )
+        self.relay_stalled = Gauge(
+            "hub_worker_relay_stalled_seconds",
+            "How long the oldest outbox row has stayed the same, seconds (0 when the outbox "
+            "is empty): the relay is not moving while this grows.",
+            registry=r,
+        )
+        self.out_stream_missing = Gauge(
+            "hub_worker_outbound_stream_missing",
+            "1 when the outbound stream (PU_OUT) was found missing at the last sample, else 0.",
+            registry=r,
+        )
         self.sweeps = Counter(
             "hub_worker_stall_sweeps", "Stall sweeps run by this worker.", registry=r
         )

@@ -11,20 +11,31 @@ aggregate repeats: events of one detection or mapping keep their order even
 when a publish fails. Rows are deleted only after their ack; a crash between
 ack and delete republishes with the same Nats-Msg-Id, which the stream's
 duplicate window drops.
+
+A row JetStream refuses for a reason of its own (see `classify`) is set aside
+(moved to `outbox_set_aside` with the reason) instead of being retried in front
+of everything else; later rows, of its aggregate too, are published as usual.
+A publish that finds no stream makes the relay ensure the streams (recreating
+PU_OUT) and try again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
+import nats.errors
+import nats.js.errors
 import structlog
 
 from worker import db
-from worker.bus import Bus
+from worker.bus import NATS_ERRORS, Bus
 from worker.constants import RECONNECT_MAX_SECONDS, RELAY_BATCH, RELAY_POLL_SECONDS, RELAY_WINDOW
 from worker.leadership import pause
 from worker.metrics import Metrics
+from worker.subjects import captured_by
 
 log = structlog.get_logger("worker.relay")
 
@@ -78,47 +89,164 @@ class OutboxRelay:
         return tokens[0] if tokens[0] == "deadletter" else ".".join(tokens[:2])
 
     async def drain(self, conn: db.Connection) -> bool:
-        """Publish pending rows until none is left; False if NATS refused one."""
+        """Publish pending rows until none is left; False if NATS refused one for now."""
+        repaired = False
         while True:
             pending = await db.pending_outbox(conn, RELAY_BATCH)
             if not pending:
                 return True
             superseded = _superseded(pending, self.prefix)
             done = [r.id for r in pending if r.id in superseded]
-            refused = False
+            aside: list[db.SetAside] = []
+            failed: list[tuple[db.PendingOutbound, Refusal]] = []
             try:
                 for window in _windows([r for r in pending if r.id not in superseded]):
-                    published = await self._publish(window)
-                    done.extend(published)
-                    if len(published) < len(window):
-                        refused = True
+                    outcome = await self._publish(window)
+                    done.extend(outcome.published)
+                    failed = outcome.failed
+                    if any(refusal.reason == NO_STREAM for _, refusal in failed):
+                        aside.extend(await self._without_stream(failed))
+                        failed = [(r, f) for r, f in failed if r.id not in {a.id for a in aside}]
+                    aside.extend(self._set_aside(row, refusal) for row, refusal in outcome.refused)
+                    if failed:
                         break
             finally:
                 await db.delete_outbox(conn, done)
+                await db.set_aside_outbox(conn, aside)
                 self.published += len(done) - len(superseded)
-            if refused:
+            if failed:
+                if not repaired and any(f.reason == NO_STREAM for _, f in failed):
+                    # The streams were ensured just now: try once more at once.
+                    repaired = True
+                    continue
                 return False
 
-    async def _publish(self, window: list[db.PendingOutbound]) -> list[int]:
-        """Send a window at once; the ids of the rows JetStream acknowledged."""
+    async def _publish(self, window: list[db.PendingOutbound]) -> _Outcome:
+        """Send a window at once; which rows JetStream acknowledged, refused, or not yet."""
         started = time.perf_counter()
         results = await self.bus.publish_window(
             [(r.subject, r.payload, str(r.event_id)) for r in window]
         )
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
-        done = []
+        outcome = _Outcome()
         for row, error in zip(window, results, strict=True):
-            if error is not None:
-                log.warning(
-                    "relay.publish_failed",
-                    action="relay.publish",
-                    error=str(error) or type(error).__name__,
-                    subject=row.subject,
-                )
+            if error is None:
+                self.metrics.published.labels(self._type_of(row.subject)).inc()
+                outcome.published.append(row.id)
                 continue
-            self.metrics.published.labels(self._type_of(row.subject)).inc()
-            done.append(row.id)
-        return done
+            refusal = classify(error)
+            self.metrics.publish_failures.labels(refusal.reason).inc()
+            (outcome.refused if refusal.permanent else outcome.failed).append((row, refusal))
+        if outcome.failed:
+            # Once per window, not once per row: a window can hold 500 rows.
+            reasons = Counter(refusal.reason for _, refusal in outcome.failed)
+            log.warning(
+                "relay.publish_failed",
+                action="relay.publish",
+                failed=len(outcome.failed),
+                window=len(window),
+                reasons=dict(reasons),
+                errors={r.reason: r.error for _, r in reversed(outcome.failed)},
+            )
+        return outcome
+
+    async def _without_stream(
+        self, failed: list[tuple[db.PendingOutbound, Refusal]]
+    ) -> list[db.SetAside]:
+        """Ensure the streams after a publish found none; set aside what no stream captures.
+
+        PU_OUT deleted while running is recreated here (the lanes do the same for
+        PU_EVENTS). A row whose subject PU_OUT does not capture would find no stream
+        whatever we do: it is refused for good.
+        """
+        try:
+            await self.bus.ensure_streams()
+            subjects = await self.bus.out_stream_subjects()
+        except NATS_ERRORS as err:
+            log.warning("relay.streams_not_ensured", action="stream.ensure", error=str(err))
+            return []
+        if subjects is None:
+            return []
+        return [
+            self._set_aside(row, Refusal(NOT_CAPTURED, True, f"no stream captures {row.subject}"))
+            for row, refusal in failed
+            if refusal.reason == NO_STREAM and not captured_by(subjects, row.subject)
+        ]
+
+    def _set_aside(self, row: db.PendingOutbound, refusal: Refusal) -> db.SetAside:
+        kind = self._type_of(row.subject)
+        self.metrics.set_aside.labels(kind, refusal.reason).inc()
+        log.error(
+            "relay.set_aside",
+            action="relay.set_aside",
+            reason=refusal.reason,
+            error=refusal.error,
+            outbox_id=row.id,
+            outbound_event_id=str(row.event_id),
+            subject=row.subject,
+            type=kind,
+            payload_bytes=len(row.payload),
+            table="outbox_set_aside",
+        )
+        return db.SetAside(row.id, refusal.reason, refusal.error)
+
+
+# Short reasons of a failed publish (the label of hub_worker_outbox_publish_failures
+# and of hub_worker_outbox_set_aside, the `reason` of outbox_set_aside).
+MAX_PAYLOAD = "max_payload"  # bigger than the server's max_payload: never sent
+TOO_LARGE = "too_large"  # the stream's max_msg_size, or its header limit
+REJECTED = "rejected"  # another JetStream 400 reply: about the message itself
+NOT_CAPTURED = "not_captured"  # no stream captures the subject
+NO_STREAM = "no_stream"  # no responders: the stream is missing or has no leader
+TIMEOUT = "timeout"
+UNAVAILABLE = "unavailable"  # a JetStream error reply not about the message (stream full...)
+DISCONNECTED = "disconnected"
+
+# JetStream error codes of a message over the stream's max_msg_size or header limit.
+_SIZE_ERR_CODES = {10054, 10097}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why one publish failed; `permanent` when retrying the same row cannot succeed."""
+
+    reason: str
+    permanent: bool
+    error: str
+
+
+def classify(error: BaseException) -> Refusal:
+    """Permanent: refused for a reason of the row itself; transient: anything else.
+
+    A row is refused for good when the client will not send it (bigger than the
+    server's max_payload) or JetStream answers 400, which for a publish is about
+    the message (its size, its headers). Timeouts, no responders (the stream is
+    missing, or electing a leader), 503 and 500 replies (a full stream, storage
+    trouble) and connection errors are the server's state: waited out. "No stream
+    captures the subject" is found by the relay itself once it ensured the streams.
+    """
+    text = str(error) or type(error).__name__
+    if isinstance(error, nats.errors.MaxPayloadError):
+        return Refusal(MAX_PAYLOAD, True, text)
+    if isinstance(error, nats.js.errors.APIError):
+        text = error.description or text
+        if error.err_code in _SIZE_ERR_CODES:
+            return Refusal(TOO_LARGE, True, text)
+        if error.code == 400:
+            return Refusal(REJECTED, True, text)
+        return Refusal(UNAVAILABLE, False, text)
+    if isinstance(error, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return Refusal(NO_STREAM, False, text)
+    if isinstance(error, TimeoutError | nats.errors.TimeoutError):
+        return Refusal(TIMEOUT, False, text)
+    return Refusal(DISCONNECTED, False, text)
+
+
+@dataclass
+class _Outcome:
+    published: list[int] = field(default_factory=list)
+    refused: list[tuple[db.PendingOutbound, Refusal]] = field(default_factory=list)
+    failed: list[tuple[db.PendingOutbound, Refusal]] = field(default_factory=list)
 
 
 def _superseded(rows: list[db.PendingOutbound], prefix: str) -> set[int]:

@@ -101,3 +101,21 @@ def outbound_captures(prefix: str) -> list[str]:
 
 def resolve_command_subject(prefix: str) -> str:
     return f"{prefix}.cmd.detection.resolve"
+
+
+def captured_by(filters: list[str], subject: str) -> bool:
+    """Whether a subject matches one of these NATS subject filters (`*` one token, `>` the rest)."""
+    tokens = subject.split(".")
+    for pattern in filters:
+        wanted = pattern.split(".")
+        for n, token in enumerate(wanted):
+            if token == ">":
+                if len(tokens) > n:
+                    return True
+                break
+            if n >= len(tokens) or (token != "*" and token != tokens[n]):
+                break
+        else:
+            if len(wanted) == len(tokens):
+                return True
+    return False

@@ -15,7 +15,23 @@ SELECT id, event_id, subject, payload, aggregate FROM outbox ORDER BY id LIMIT $
 DELETE FROM outbox WHERE id = ANY($1::bigint[]);
 
 -- name: outbox_backlog
-SELECT count(*) AS rows, min(created_at) AS oldest FROM outbox;
+-- `head` is the next row the relay must publish: while it stays the same, the relay
+-- is not moving.
+SELECT count(*) AS rows, min(created_at) AS oldest, min(id) AS head FROM outbox;
+
+-- name: set_aside_outbox
+-- Rows JetStream refused for good move out of the outbox with the reason, in one
+-- statement: a row is either still pending or set aside, never both nor neither.
+WITH refused AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS r (id, reason, error)
+), moved AS (
+    DELETE FROM outbox o USING refused r WHERE o.id = r.id
+    RETURNING o.id, o.event_id, o.subject, o.payload, o.aggregate, o.created_at
+)
+INSERT INTO outbox_set_aside (id, event_id, subject, payload, aggregate, created_at, reason, error)
+SELECT m.id, m.event_id, m.subject, m.payload, m.aggregate, m.created_at, r.reason, r.error
+FROM moved m JOIN refused r USING (id)
+ON CONFLICT (id) DO NOTHING;
 
 -- name: insert_dead_letter
 -- A redelivered message that was already dead-lettered returns nothing.

@@ -28,7 +28,7 @@ import trustme
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from tests.support import now_iso, start_hub_worker, wait_until
+from tests.support import READY, now_iso, start_hub_worker, wait_until
 from worker.app import Worker
 from worker.config import Settings
 from worker.embedded import EmbeddedNats
@@ -209,7 +209,7 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
     try:
 
         async def ready() -> bool:
-            return await worker.readiness() == {"nats": "ok", "consumer": "ok", "postgres": "ok"}
+            return await worker.readiness() == READY
 
         await wait_until(ready, within=30)
 

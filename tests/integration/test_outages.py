@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_workers import assert_tables_match, publish_all
-from tests.support import Hub, open_hub, wait_until
+from tests.support import READY, Hub, open_hub, wait_until
 from tests.workload import expect, generate
 from worker import db
 from worker.config import Settings
@@ -120,6 +120,6 @@ async def test_a_read_only_database_is_waited_out_not_dead_lettered(hub: Hub) ->
     # A read-only answer made the pool drop its connections: the next probes ask
     # fresh ones, which now take writes.
     async def ready() -> bool:
-        return await worker.readiness() == {"nats": "ok", "consumer": "ok", "postgres": "ok"}
+        return await worker.readiness() == READY
 
     await wait_until(ready, within=10)

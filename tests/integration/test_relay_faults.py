@@ -1,0 +1,215 @@
+"""The relay under faults of JetStream (issue 12, findings 2, 5 and 8).
+
+A row JetStream refuses for good is set aside and nothing behind it waits; a JetStream
+error reply is reported as itself at once; a deleted PU_OUT is recreated while the
+worker runs; `/readyz` says when the relay stops moving or the stream is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from typing import Any
+from uuid import uuid4
+
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.js.api import DiscardPolicy, StreamConfig
+from structlog.testing import capture_logs
+
+from tests.support import Hub, wait_until
+from worker.app import Worker
+from worker.constants import PUBLISH_ACK_TIMEOUT_SECONDS
+
+pytestmark = pytest.mark.integration
+
+
+async def insert_outbox(hub: Hub, subject: str, payload: bytes, aggregate: str) -> int:
+    """An outbox row written as a lane would (the trigger wakes the relay)."""
+    row_id: int = await hub.value(
+        "INSERT INTO outbox (event_id, subject, payload, aggregate)"
+        " VALUES ($1, $2, $3, $4) RETURNING id",
+        uuid4(),
+        subject,
+        payload,
+        aggregate,
+    )
+    return row_id
+
+
+async def spawn(hub: Hub, sessions: list[str]) -> None:
+    for session in sessions:
+        await hub.send("sp1", session, "spawned", workspaceId="ws-1", task="t")
+
+
+def metric(worker: Worker, name: str, **labels: str) -> float:
+    return worker.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def events(logged: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [entry for entry in logged if entry.get("event") == name]
+
+
+async def test_a_row_over_max_payload_is_set_aside_and_the_events_behind_it_are_published(
+    hub: Hub,
+) -> None:
+    worker = await hub.start_worker()
+    with capture_logs() as logged:
+        # An announcement bigger than the server takes (what finding 2 produced), and
+        # a later event of the same aggregate.
+        poison = await insert_outbox(
+            hub,
+            f"{hub.prefix}.mapping.active.poison",
+            b"x" * (hub.nc.max_payload + 1),
+            "mapping:poison",
+        )
+        later = json.dumps({"type": "mapping.completed", "after": "the poison"}).encode()
+        await insert_outbox(hub, f"{hub.prefix}.mapping.completed.poison", later, "mapping:poison")
+        sessions = [f"s{n}" for n in range(50)]
+        await spawn(hub, sessions)
+        await hub.settle(within=20)
+
+    aside = await hub.rows("SELECT id, subject, reason, error, payload FROM outbox_set_aside")
+    assert [(r["id"], r["reason"]) for r in aside] == [(poison, "max_payload")]
+    assert "maximum payload exceeded" in aside[0]["error"]
+    assert len(aside[0]["payload"]) == hub.nc.max_payload + 1
+    published = await hub.outbound(f"{hub.prefix}.mapping.>")
+    assert sorted(o.subject.rsplit(".", 1)[1] for o in published) == sorted([*sessions, "poison"])
+    assert [o.body for o in published if o.subject.endswith(".poison")] == [json.loads(later)]
+    assert (
+        metric(
+            worker, "hub_worker_outbox_set_aside_total", type="mapping.active", reason="max_payload"
+        )
+        == 1
+    )
+    errors = events(logged, "relay.set_aside")
+    assert len(errors) == 1
+    assert errors[0]["log_level"] == "error"
+    assert errors[0]["reason"] == "max_payload"
+    assert errors[0]["outbox_id"] == poison
+
+
+async def test_a_jetstream_error_reply_is_reported_as_itself_at_once(hub: Hub) -> None:
+    """A stream with a small max_msg_size answers 400/10054: not a 5 s timeout."""
+    worker = await hub.start_worker()
+    assert worker.bus is not None
+    small = f"{hub.prefix}_SMALL"
+    subject = f"{hub.prefix}small.x"
+    await hub.js.add_stream(
+        StreamConfig(name=small, subjects=[f"{hub.prefix}small.>"], max_msg_size=64)
+    )
+    try:
+        started = time.monotonic()
+        [error] = await worker.bus.publish_window([(subject, b"x" * 200, str(uuid4()))])
+        assert time.monotonic() - started < 1.0
+        assert isinstance(error, nats.js.errors.BadRequestError)
+        assert error.err_code == 10054
+
+        with capture_logs() as logged:
+            started = time.monotonic()
+            poison = await insert_outbox(hub, subject, b"x" * 200, "small:1")
+            await spawn(hub, ["after"])
+            await hub.settle(within=10)
+            took = time.monotonic() - started
+        assert took < PUBLISH_ACK_TIMEOUT_SECONDS
+        aside = await hub.rows("SELECT id, reason, error FROM outbox_set_aside")
+        assert aside == [
+            {"id": poison, "reason": "too_large", "error": "message size exceeds maximum allowed"}
+        ]
+        assert [o.subject for o in await hub.outbound()] == [f"{hub.prefix}.mapping.active.after"]
+        assert not events(logged, "nats.error")  # nothing raised inside the ack callback
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await hub.js.delete_stream(small)
+
+
+async def test_the_outbound_stream_deleted_while_running_is_recreated_and_the_backlog_drains(
+    hub: Hub,
+) -> None:
+    await hub.start_worker()
+    await spawn(hub, ["before"])
+    await hub.settle()
+    await hub.js.delete_stream(hub.settings.out_stream)
+
+    sessions = [f"s{n}" for n in range(20)]
+    await spawn(hub, sessions)
+    await hub.settle(within=20)
+    published = await hub.outbound()
+    assert sorted(o.subject.rsplit(".", 1)[1] for o in published) == sorted(sessions)
+    assert await hub.value("SELECT count(*) FROM outbox_set_aside") == 0
+
+
+async def test_readiness_says_when_the_relay_is_stuck_and_when_it_moves_again(hub: Hub) -> None:
+    """A full PU_OUT (discard new) refuses every publish: a transient refusal the relay
+    waits out, logged once per window, and after a bounded time /readyz says so."""
+    worker = await hub.start_worker()
+    worker.relay_stall_seconds = 2.0
+    await spawn(hub, ["first"])
+    await hub.settle()
+    out = hub.settings.out_stream
+    config = (await hub.js.stream_info(out)).config
+    await hub.js.update_stream(dataclasses.replace(config, max_msgs=1, discard=DiscardPolicy.NEW))
+    assert (await hub.js.stream_info(out)).config.discard == DiscardPolicy.NEW
+
+    with capture_logs() as logged:
+        await spawn(hub, [f"s{n}" for n in range(30)])
+
+        async def stuck() -> bool:
+            return (await worker.readiness())["relay"].startswith("stuck")
+
+        await wait_until(stuck, within=15, what="/readyz to say the relay is stuck")
+
+        async def gauge_says_so() -> bool:
+            # Set at each sample (every 2 s), while readiness reads the clock.
+            return metric(worker, "hub_worker_relay_stalled_seconds") >= 2.0
+
+        await wait_until(gauge_says_so, within=5, what="the stalled gauge")
+        rows = await hub.value("SELECT count(*) FROM outbox")
+        assert rows == 30
+
+        async def one_line_for_all() -> bool:
+            failures = events(logged, "relay.publish_failed")
+            return any(f["reasons"] == {"unavailable": 30} for f in failures)
+
+        # The relay tries again after a pause: one line for its window of 30 rows.
+        await wait_until(one_line_for_all, within=15, what="one line for a window of 30")
+        failures = events(logged, "relay.publish_failed")
+        assert len(failures) <= 5, [f["reasons"] for f in failures]
+        for failure in failures:
+            assert failure["log_level"] == "warning"
+            assert failure["errors"] == {"unavailable": "maximum messages exceeded"}
+        assert not events(logged, "relay.set_aside")
+
+        await hub.js.update_stream(dataclasses.replace(config, max_msgs=-1))
+
+        async def moving() -> bool:
+            return (await worker.readiness())["relay"] == "ok"
+
+        await hub.settle(within=20)
+        await wait_until(moving, within=10, what="/readyz to say the relay moves")
+    assert metric(worker, "hub_worker_relay_stalled_seconds") == 0
+    assert len(await hub.outbound()) == 31
+
+
+async def test_readiness_says_when_the_outbound_stream_is_missing(hub: Hub) -> None:
+    worker = await hub.start_worker()
+    await spawn(hub, ["first"])
+    await hub.settle()
+    await hub.js.delete_stream(hub.settings.out_stream)
+
+    async def out_stream_is(expected: str) -> bool:
+        return (await worker.readiness())["out_stream"].startswith(expected)
+
+    await wait_until(lambda: out_stream_is("missing"), within=10, what="out_stream missing")
+    assert metric(worker, "hub_worker_outbound_stream_missing") == 1
+    # The relay's next publish recreates it.
+    await spawn(hub, ["second"])
+    await hub.settle(within=20)
+    await wait_until(lambda: out_stream_is("ok"), within=10, what="out_stream ok")
+    assert metric(worker, "hub_worker_outbound_stream_missing") == 0
+    assert [o.subject for o in await hub.outbound()] == [f"{hub.prefix}.mapping.active.second"]
+    await asyncio.sleep(0)
