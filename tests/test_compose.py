@@ -360,7 +360,11 @@ def test_prometheus_scrapes_the_worker_with_the_alert_rules(
     assert job["job_name"] == "hub-worker"
     assert 'job="hub-worker"' in ALERT_RULES.read_text(encoding="utf-8")
     worker_port = environment(services["worker"])["HUB_HTTP_ADDR"].rpartition(":")[2]
-    assert job["static_configs"] == [{"targets": [f"worker:{worker_port}"]}]
+    # Every replica (`--scale worker=3`): the service name resolves to each address.
+    [discovery] = job["dns_sd_configs"]
+    assert discovery["names"] == ["worker"]
+    assert discovery["type"] == "A"
+    assert str(discovery["port"]) == worker_port
     assert ("prometheus-data", "/prometheus") in named_volumes(compose, prometheus)
     assert "--storage.tsdb.path=/prometheus" in command
 
