@@ -37,6 +37,10 @@ DEMO_SPOKE = ROOT / "deploy" / "demo_spoke.py"
 
 CORE_SERVICES = {"nats", "postgres", "migrate", "worker"}
 DEMO_SERVICES = {"demo-spoke", "alerts"}
+OBSERVABILITY_SERVICES = {"prometheus", "grafana"}
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+ALERT_RULES = ROOT / "deploy" / "prometheus" / "hub-worker-rules.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
 NON_ROOT_UID = "10001"
 
 # `${NAME}`, `${NAME:-default}`, `${NAME?error}` ... and bare `$NAME`; `$$` is a literal `$`.
@@ -135,7 +139,7 @@ def python_code(command: list[str]) -> str:
 
 
 def test_the_stack_has_its_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == CORE_SERVICES | DEMO_SERVICES
+    assert set(services) == CORE_SERVICES | DEMO_SERVICES | OBSERVABILITY_SERVICES
 
 
 def test_every_image_is_pinned_to_a_version(services: dict[str, dict[str, Any]]) -> None:
@@ -312,6 +316,84 @@ def test_demo_services_run_only_with_the_demo_profile(
         assert services[name]["profiles"] == ["demo"], name
     for name in CORE_SERVICES:
         assert "profiles" not in services[name], f"{name} would not start by default"
+
+
+def test_observability_services_run_only_with_their_profile(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in OBSERVABILITY_SERVICES:
+        assert services[name]["profiles"] == ["observability"], name
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """target -> source (resolved) of the service's bind mounts, each read-only."""
+    mounts = {}
+    for mount in service.get("volumes") or []:
+        if isinstance(mount, dict) and mount.get("type") == "bind":
+            assert mount.get("read_only") is True, mount
+            source = (COMPOSE_FILE.parent / mount["source"]).resolve()
+            assert source.exists(), f"{mount['source']}: not in the repository"
+            mounts[mount["target"]] = source
+    return mounts
+
+
+def test_prometheus_scrapes_the_worker_with_the_alert_rules(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    prometheus = services["prometheus"]
+    mounts = bind_mounts(prometheus)
+    command = " ".join(prometheus["command"])
+    config_path = re.search(r"--config\.file=(\S+)", command)
+    assert config_path is not None
+    assert mounts[config_path[1]] == PROMETHEUS_CONFIG
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    # The rule files the config loads are the mounted rules.
+    loaded = [
+        target
+        for target, source in mounts.items()
+        for pattern in config["rule_files"]
+        if fnmatch.fnmatch(target, pattern)
+    ]
+    assert [mounts[target] for target in loaded] == [ALERT_RULES]
+    # The rules and the dashboard select job="hub-worker"; the target is the worker's port.
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "hub-worker"
+    assert 'job="hub-worker"' in ALERT_RULES.read_text(encoding="utf-8")
+    worker_port = environment(services["worker"])["HUB_HTTP_ADDR"].rpartition(":")[2]
+    # Every replica (`--scale worker=3`): the service name resolves to each address.
+    [discovery] = job["dns_sd_configs"]
+    assert discovery["names"] == ["worker"]
+    assert discovery["type"] == "A"
+    assert str(discovery["port"]) == worker_port
+    assert ("prometheus-data", "/prometheus") in named_volumes(compose, prometheus)
+    assert "--storage.tsdb.path=/prometheus" in command
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    grafana = services["grafana"]
+    mounts = bind_mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
+    [datasources] = (GRAFANA / "provisioning" / "datasources").glob("*.yml")
+    [datasource] = yaml.safe_load(datasources.read_text(encoding="utf-8"))["datasources"]
+    assert datasource["type"] == "prometheus"
+    prometheus_port = services["prometheus"]["ports"][0].rpartition(":")[2]
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}"
+    [provider_file] = (GRAFANA / "provisioning" / "dashboards").glob("*.yml")
+    [provider] = yaml.safe_load(provider_file.read_text(encoding="utf-8"))["providers"]
+    dashboards_at = provider["options"]["path"]
+    assert mounts[dashboards_at] == GRAFANA / "dashboards"
+    dashboard = json.loads((GRAFANA / "dashboards" / "hub-worker.json").read_text("utf-8"))
+    # The dashboard's datasource variable defaults to the provisioned one.
+    [variable] = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["current"]["value"] == datasource["uid"]
+    env = environment(grafana)
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{dashboards_at}/hub-worker.json"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]*\}", env["GF_SECURITY_ADMIN_PASSWORD"])
+    assert ("grafana-data", "/var/lib/grafana") in named_volumes(compose, grafana)
+    assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_started"}}
 
 
 def test_demo_spoke_runs_the_mounted_script(services: dict[str, dict[str, Any]]) -> None:
@@ -592,7 +674,7 @@ def compose_client() -> list[str] | None:
     return None
 
 
-CONFIG_ARGS = ("--profile", "demo", "config", "-q")
+CONFIG_ARGS = ("--profile", "demo", "--profile", "observability", "config", "-q")
 
 
 def run_compose_config(client: list[str], env_file: Path) -> subprocess.CompletedProcess[str]:

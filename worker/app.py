@@ -30,6 +30,7 @@ from worker.locks import MAINTENANCE_LEADER, RELAY_LEADER, SWEEP_LEADER, namespa
 from worker.maintenance import LedgerJanitor
 from worker.metrics import Metrics
 from worker.probes import Checks, ProbeServer
+from worker.progress import CatchUp
 from worker.relay import OutboxRelay
 from worker.sweep import StallSweep
 
@@ -117,6 +118,7 @@ class Worker:
         self.outbox_rows = 0
         # None until sampled.
         self.out_stream_missing: bool | None = None
+        self.catch_up = CatchUp()
 
     def __repr__(self) -> str:
         return (
@@ -291,13 +293,18 @@ class Worker:
         assert self.pool is not None
         while not stopping.is_set():
             try:
+                lane_backlog = 0  # of the lanes this worker owns, for the catch-up report
                 for lane in all_lanes:
                     info = await self.bus.consumer_info(lane)
                     self.metrics.consumer_pending.labels(lane.durable).set(info.num_pending or 0)
                     self.metrics.consumer_ack_pending.labels(lane.durable).set(
                         info.num_ack_pending or 0
                     )
+                    if self.lane_manager is not None and lane.key in self.lane_manager.owned:
+                        lane_backlog += (info.num_pending or 0) + (info.num_ack_pending or 0)
                 self.consumers_seen_at = time.monotonic()
+                if self.lane_manager is not None:
+                    self.catch_up.sample(lane_backlog, self.lane_manager.handled)
             except NATS_ERRORS as err:
                 log.warning("sample.consumers_failed", action="sample", error=str(err))
             try:

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"hub-worker: configuration error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, settings.log_level)
 
     if args.command in cli_ops.COMMANDS and args.command not in cli_ops.DATABASE_COMMANDS:
         # NATS-only commands talk to the configured NATS, or to the one

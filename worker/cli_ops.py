@@ -1,4 +1,4 @@
-"""Operator commands of `hub-worker`: publish, alerts, detections, resolve, deadletters.
+"""Operator commands of `hub-worker`: publish, alerts, detections, resolve, deadletters, status.
 
 `register(commands)` adds them to the `hub-worker` argument parser (its
 sub-parsers action) and `await dispatch(args, settings, endpoints)` runs the one
@@ -41,7 +41,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
-from worker import db
+from worker import db, status
 from worker.bus import connect_options
 from worker.client import AlertEvent, Spoke, publishable_headers, subscribe
 from worker.config import ConfigError, NatsAuth, Settings
@@ -63,9 +63,9 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 
-COMMANDS = frozenset({"publish", "alerts", "detections", "resolve", "deadletters"})
+COMMANDS = frozenset({"publish", "alerts", "detections", "resolve", "deadletters", "status"})
 # The commands that read or write the database (the others need NATS only).
-DATABASE_COMMANDS = frozenset({"detections", "deadletters"})
+DATABASE_COMMANDS = frozenset({"detections", "deadletters", "status"})
 
 # Where the commands look for NATS when HUB_NATS_URL is unset: the port an
 # embedded `hub-worker run` prefers.
@@ -176,6 +176,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _register_detections(commands)
     _register_resolve(commands)
     _register_deadletters(commands)
+    _register_status(commands)
 
 
 def _parser(
@@ -944,6 +945,104 @@ async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpo
     return EXIT_REFUSED if missing else EXIT_OK
 
 
+# --- status --------------------------------------------------------------------------
+
+STATUS_EPILOG = """\
+examples:
+  hub-worker status                     # one screen: lanes, outbox, leaders, dead letters
+  hub-worker status --watch             # refreshed every 2 s until Ctrl-C
+  hub-worker status --watch 10 --json   # one JSON object per line, every 10 s
+  hub-worker status --json | jq '.lanes[] | select(.owner == null)'
+
+Reads NATS (consumer info) and PostgreSQL (advisory locks, outbox, dead letters,
+detections) directly: it answers whether or not a worker runs. A lane's OLDEST UNAPPLIED
+is the age of the first message it has not applied; OWNER and the leaders are the
+worker processes (host:pid) holding the lane's or the duty's lock, NONE when nobody does.
+"""
+
+# `--watch` without a number refreshes this often, seconds.
+STATUS_WATCH_SECONDS = 2.0
+
+
+def _register_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = _parser(
+        commands,
+        "status",
+        help="lanes, outbox, leaders, dead letters and detections of the running hub",
+        description="What the hub is doing now: each lane's owner, pending messages and "
+        "oldest unapplied age; the outbox; who leads the relay, the sweep and the janitor; "
+        "dead letters of the last hour by reason; active detections by severity.",
+        epilog=STATUS_EPILOG,
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const=STATUS_WATCH_SECONDS,
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {STATUS_WATCH_SECONDS:g}) until Ctrl-C",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+_STATUS_NATS_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    TimeoutError,
+)
+
+
+async def _status(args: argparse.Namespace, settings: Settings, endpoints: Endpoints) -> int:
+    watch: float | None = args.watch
+    clear = watch is not None and not args.json and sys.stdout.isatty()
+    with _stop_on_signals() as received:
+        try:
+            async with (
+                _nats(endpoints, settings.nats_auth, follow=watch is not None) as nc,
+                _database(endpoints) as conn,
+            ):
+                js = nc.jetstream()
+                while True:
+                    try:
+                        current = await status.gather(conn, js, settings)
+                    except _STATUS_NATS_ERRORS as err:
+                        if watch is None:
+                            raise CommandFailed(
+                                EXIT_FAILURE, f"NATS did not answer ({_describe(err)})"
+                            ) from None
+                        # A watch rides out a NATS restart: say so, look again.
+                        _error("status", f"NATS did not answer ({_describe(err)}), retrying")
+                        await asyncio.sleep(watch)
+                        continue
+                    if args.json:
+                        indent = None if watch is not None else 2
+                        print(json.dumps(status.to_json(current), indent=indent), flush=True)
+                    else:
+                        screen = status.render(current, table)
+                        print(("\x1b[H\x1b[2J" if clear else "") + screen, flush=True)
+                        if watch is not None and not clear:
+                            print(flush=True)
+                    if watch is None:
+                        break
+                    await asyncio.sleep(watch)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not received or task is None:
+                raise
+            task.uncancel()
+    return EXIT_OK
+
+
 Handler = Callable[[argparse.Namespace, Settings, Endpoints], Awaitable[int]]
 _HANDLERS: dict[str, Handler] = {
     "publish": _publish,
@@ -951,6 +1050,7 @@ _HANDLERS: dict[str, Handler] = {
     "detections": _detections,
     "resolve": _resolve,
     "deadletters": _deadletters,
+    "status": _status,
 }
 
 

@@ -19,6 +19,8 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _HOST_PORT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
 
 LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
 
 def stream_token(prefix: str) -> str:
@@ -72,6 +74,8 @@ class Settings:
     stream_max_age_seconds: int = 604_800
     http_addr: str = "127.0.0.1:9464"
     log_format: LogFormat = "json"
+    # The least severe log line written, the worker's own and its libraries' alike.
+    log_level: LogLevel = "info"
     # Partitions of the inbound stream: sessions are spread over this many
     # ordered lanes. Fixed when the stream is created; an existing stream's
     # own value wins.
@@ -195,6 +199,18 @@ class Settings:
         else:
             raise ConfigError(f"HUB_LOG_FORMAT must be 'json' or 'console', got {log_raw!r}")
 
+        level_raw = text("HUB_LOG_LEVEL")
+        log_level: LogLevel = "info"
+        if level_raw is not None:
+            for level in LOG_LEVELS:
+                if level_raw.lower() == level:
+                    log_level = level
+                    break
+            else:
+                raise ConfigError(
+                    f"HUB_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level_raw!r}"
+                )
+
         return cls(
             nats_urls=nats_urls,
             database_url=database_url,
@@ -207,6 +223,7 @@ class Settings:
             stream_max_age_seconds=positive_int("HUB_STREAM_MAX_AGE_SECONDS", 604_800),
             http_addr=http_addr,
             log_format=log_format,
+            log_level=log_level,
             partitions=positive_int("HUB_PARTITIONS", 8, maximum=64),
             stream_replicas=positive_int("HUB_STREAM_REPLICAS", 1, maximum=5),
             shutdown_grace_seconds=positive_int("HUB_SHUTDOWN_GRACE_SECONDS", 20),

@@ -97,3 +97,9 @@ DB_COMMAND_TIMEOUT_SECONDS = 75
 DB_KEEPALIVE_IDLE_SECONDS = 30
 DB_KEEPALIVE_INTERVAL_SECONDS = 10
 DB_KEEPALIVE_COUNT = 3
+
+# Catch-up progress (worker/progress.py): a worker whose lanes hold at least this
+# many messages not yet applied logs its progress (backlog, events/s, time left)
+# this often, seconds.
+CATCH_UP_MIN_MESSAGES = 1000
+CATCH_UP_LOG_SECONDS = 5.0

@@ -7,7 +7,9 @@ function takes the connection first: the caller owns the transaction.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -82,6 +84,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InsufficientResourcesError,  # 53xxx: disk full, out of memory
 )
 
+# PostgreSQL keeps this much of an application_name (NAMEDATALEN - 1).
+_APPLICATION_NAME_BYTES = 63
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Advisory lock (two-int form) serialising `hub-worker migrate` across replicas.
@@ -155,6 +159,10 @@ class Queries:
     list_dead_letters: str
     dead_letters_by_id: str
     mark_dead_letter_replayed: str
+    # status.sql
+    lock_holders: str
+    dead_letters_by_reason: str
+    active_detections_by_severity: str
 
     @classmethod
     def load(cls, directory: Path) -> Queries:
@@ -214,14 +222,30 @@ async def _init_bounded_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+def tagged(application_name: str) -> str:
+    """`name@host:pid`, the host shortened so that PostgreSQL keeps it all (63 bytes)."""
+    host, pid = socket.gethostname(), os.getpid()
+    room = _APPLICATION_NAME_BYTES - len(application_name.encode()) - len(f"@:{pid}")
+    host = host.encode()[: max(0, room)].decode(errors="ignore")
+    return f"{application_name}@{host}:{pid}"
+
+
+def process_of(application_name: str | None) -> str | None:
+    """The `host:pid` a `tagged` application_name carries, else None."""
+    if not application_name or "@" not in application_name:
+        return None
+    return application_name.rpartition("@")[2] or None
+
+
 async def connect(
     dsn: str, *, application_name: str = "hub-worker", bounded: bool = True
 ) -> asyncpg.Connection:
     """A connection; `bounded` ones have the statement, transaction and answer time
-    limits of the DB_* constants (`migrate` connects unbounded)."""
+    limits of the DB_* constants (`migrate` connects unbounded). Its application_name
+    is `application_name@host:pid` (see `tagged`)."""
     conn: asyncpg.Connection = await asyncpg.connect(
         dsn,
-        server_settings={"application_name": application_name},
+        server_settings={"application_name": tagged(application_name)},
         timeout=10,
         command_timeout=DB_COMMAND_TIMEOUT_SECONDS if bounded else None,
     )
@@ -239,7 +263,7 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> Pool:
         min_size=1,
         max_size=max_size,
         init=_init_bounded_connection,
-        server_settings={"application_name": "hub-worker"},
+        server_settings={"application_name": tagged("hub-worker")},
         timeout=10,
         command_timeout=DB_COMMAND_TIMEOUT_SECONDS,
     )
@@ -614,6 +638,44 @@ async def mark_dead_letter_replayed(
 
 
 # --- batches of inbound events (see worker.batch and worker.effects) ----------
+
+
+# --- status (sql/queries/status.sql) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """An advisory lock of the hub's namespace and the session holding it."""
+
+    key: int
+    backend_pid: int
+    application_name: str | None
+    client_addr: str | None
+    backend_start: datetime | None
+
+
+async def lock_holders(conn: Connection, namespace: int) -> list[LockHolder]:
+    rows = await conn.fetch(queries().lock_holders, namespace)
+    return [
+        LockHolder(
+            int(r["key"]),
+            int(r["pid"]),
+            r["application_name"],
+            r["client_addr"],
+            r["backend_start"],
+        )
+        for r in rows
+    ]
+
+
+async def dead_letters_by_reason(conn: Connection, within_seconds: float) -> dict[str, int]:
+    rows = await conn.fetch(queries().dead_letters_by_reason, within_seconds)
+    return {str(r["reason"]): int(r["letters"]) for r in rows}
+
+
+async def active_detections_by_severity(conn: Connection) -> dict[str, int]:
+    rows = await conn.fetch(queries().active_detections_by_severity)
+    return {str(r["severity"]): int(r["detections"]) for r in rows}
 
 
 def _json_text(value: dict[str, Any] | None) -> str | None:

@@ -6,17 +6,51 @@ do not share counters. Units are in the names, as Prometheus expects.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from importlib import metadata
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from worker import __version__
 
 # Handling latency of one inbound message, seconds.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
+def version() -> str:
+    """The installed distribution's version (the package's own when not installed)."""
+    try:
+        return metadata.version("hub-worker")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_* (CPU, memory, open files) and python_* (GC, interpreter): the
+        # default registry has them, a registry of one's own must ask.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "hub_worker_build_info",
+            "Always 1; `version` is the hub-worker release this process runs "
+            "(python_info has the interpreter's).",
+            ["version"],
+            registry=r,
+        )
+        self.build_info.labels(version()).set(1)
         self.events = Counter(
             "hub_worker_events",
             "Inbound messages handled, by event kind and outcome "

@@ -56,6 +56,18 @@ def test_log_format_can_be_chosen(value: str) -> None:
     assert Settings.from_env({"HUB_LOG_FORMAT": value}).log_format == value
 
 
+def test_log_level_defaults_to_info() -> None:
+    assert Settings.from_env({}).log_level == "info"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("debug", "debug"), ("INFO", "info"), (" Warning ", "warning"), ("error", "error")],
+)
+def test_log_level_can_be_chosen_in_either_case(value: str, expected: str) -> None:
+    assert Settings.from_env({"HUB_LOG_LEVEL": value}).log_level == expected
+
+
 def test_explicit_values_are_used() -> None:
     settings = Settings.from_env(
         {
@@ -138,6 +150,9 @@ def test_stream_names_derive_from_the_prefix(
         ("HUB_HTTP_ADDR", "127.0.0.1:70000"),
         ("HUB_LOG_FORMAT", "xml"),
         ("HUB_LOG_FORMAT", "JSON"),
+        ("HUB_LOG_LEVEL", "verbose"),
+        ("HUB_LOG_LEVEL", "10"),
+        ("HUB_LOG_LEVEL", "critical"),
         ("HUB_NATS_URL", "localhost:4222"),
         ("HUB_NATS_URL", "nats://a:4222,localhost:4223"),
         ("HUB_DATABASE_URL", "mysql://x"),
