@@ -398,3 +398,96 @@ def test_occurred_at_must_be_rfc3339(occurred_at: str) -> None:
 def test_rfc3339_timestamps_are_accepted(occurred_at: str) -> None:
     intake = decode(PREFIX, subject("started"), encode(document(occurredAt=occurred_at)))
     assert intake.event.occurred_at.tzinfo is not None
+
+
+# --- what cannot be stored or serialized is invalid_event; unknown keys never matter ------
+
+
+def _with_raw(doc: dict[str, Any], key: str, raw_json: str) -> bytes:
+    """`doc` with `key` set to the JSON text `raw_json`, which json.dumps could not write."""
+    return (json.dumps(doc)[:-1] + f', "{key}": {raw_json}}}').encode()
+
+
+def _nested(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize(
+    ("tail", "key", "raw_json"),
+    [
+        ("signal.model_degradation", "details", '{"ratio": 1e400}'),
+        ("signal.model_degradation", "details", '{"ratio": -1e400}'),
+        ("started", "metadata", '{"x": [1e999]}'),
+        ("signal.model_degradation", "details", _nested(65)),
+        ("started", "metadata", _nested(300)),
+        ("started", "metadata", '{"a": ' + "[" * 2000 + "]" * 2000 + "}"),
+        ("started", "metadata", '{"n": ' + "9" * 5000 + "}"),
+    ],
+    ids=["inf", "-inf", "inf-in-list", "depth-65", "depth-300", "depth-2000", "5000-digits"],
+)
+def test_known_values_that_cannot_be_stored_are_invalid_event(
+    tail: str, key: str, raw_json: str
+) -> None:
+    body = _with_raw(document(tail), key, raw_json)
+    assert len(body) <= LIMIT
+    assert rejection(subject(tail), body).reason is DeadLetterReason.INVALID_EVENT
+
+
+def test_known_values_64_levels_deep_are_accepted() -> None:
+    body = _with_raw(document("signal.model_degradation"), "details", _nested(63))
+    assert isinstance(decode(PREFIX, subject("signal.model_degradation"), body).event, SignalEvent)
+
+
+@pytest.mark.parametrize(
+    "raw_json",
+    [
+        "1e400",
+        '{"a": ' + "[" * 20_000 + "]" * 20_000 + "}",
+        _nested(1500),
+        "9" * 5000,
+        '[{"deep": ' + "[" * 3000 + "]" * 3000 + "}, " + "7" * 4400 + "]",
+    ],
+    ids=["inf", "arrays-20000-deep", "objects-1500-deep", "5000-digits", "both"],
+)
+def test_unknown_keys_are_ignored_whatever_they_hold(raw_json: str) -> None:
+    body = _with_raw(document(), "futureField", raw_json)
+    assert len(body) <= LIMIT
+    intake = decode(PREFIX, subject("started"), body)
+    assert intake.event.event_id == UUID(EVENT_ID)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"eventId": "x", "deep": ' + b"[" * 3000 + b"]" * 2999 + b"}",
+        b'{"deep": ' + b"[" * 3000 + b"]" * 3000 + b"} trailing",
+        b'{"deep": ' + b"[" * 3000 + b"]" * 3000 + b', "n": 01}',
+        b'{"deep": ' + b"[" * 3000 + b"]" * 3000 + b', "n": NaN}',
+        b"[" + b"[" * 3000 + b"]" * 3000 + b"]",
+    ],
+    ids=["unbalanced", "trailing", "leading-zero", "nan", "not-an-object"],
+)
+def test_deep_bodies_that_are_not_json_objects_are_invalid_json(body: bytes) -> None:
+    assert rejection(subject("started"), body).reason is DeadLetterReason.INVALID_JSON
+
+
+@pytest.mark.parametrize(
+    "occurred_at",
+    [
+        "9999-12-31T23:59:59-01:00",
+        "0001-01-01T00:00:00+01:00",
+        "2026-01-01T00:00:00+00:60",
+        "2026-01-01T00:00:00+24:00",
+    ],
+)
+def test_timestamps_out_of_range_or_with_impossible_offsets_are_invalid_event(
+    occurred_at: str,
+) -> None:
+    body = encode(document(occurredAt=occurred_at))
+    assert rejection(subject("started"), body).reason is DeadLetterReason.INVALID_EVENT
+
+
+@pytest.mark.parametrize("parent", ["has space", "a.b", "x" * 129, "dot.>", "", "tab\t"])
+def test_a_parent_session_id_no_subject_token_can_carry_is_invalid_event(parent: str) -> None:
+    body = encode(document("spawned", parentSessionId=parent))
+    assert rejection(subject("spawned"), body).reason is DeadLetterReason.INVALID_EVENT

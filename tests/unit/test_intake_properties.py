@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason
-from worker.intake import decode
+from worker.intake import _members, decode
 
 PREFIX = "hub"
 TOKEN = st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)
@@ -98,3 +98,45 @@ def test_a_valid_event_stays_valid_whatever_unknown_keys_it_carries(extra: dict[
         PREFIX, f"{PREFIX}.spoke.sp1.session.s1.heartbeat", json.dumps(base | unknown).encode()
     )
     assert str(intake.event.event_id) == base["eventId"]
+
+
+# --- the recursion-free JSON check agrees with the parser ---------------------------------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(max_size=8), _json_values, max_size=6), st.booleans())
+def test_members_of_a_json_object_are_what_the_parser_reads(
+    document: dict[str, object], indent: bool
+) -> None:
+    text = json.dumps(document, indent=2 if indent else None)
+    members = _members(text)
+    assert {key: json.loads(value) for key, value in members} == json.loads(text)
+
+
+@given(st.text(max_size=40))
+def test_members_refuses_what_the_parser_refuses(text: str) -> None:
+    def not_json(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        parsed = json.loads(text, parse_constant=not_json)
+    except (ValueError, RecursionError):
+        parsed = None
+    try:
+        members = _members(text)
+    except DeadLetterError:
+        assert not isinstance(parsed, dict)
+        return
+    assert isinstance(parsed, dict)
+    assert {key: json.loads(value) for key, value in members} == parsed
