@@ -70,6 +70,9 @@ async def test_resolve_commits_replies_and_publishes(hub: Hub) -> None:
         ("missing-field", "invalid_request"),
         ("auto-resolution", "invalid_request"),
         ("number-for-string", "invalid_request"),
+        ("nul-in-detection-id", "invalid_request"),
+        ("nul-in-resolved-by", "invalid_request"),
+        ("lone-surrogate", "invalid_request"),
     ],
 )
 async def test_resolve_refusals(hub: Hub, case: str, code: str) -> None:
@@ -85,6 +88,10 @@ async def test_resolve_refusals(hub: Hub, case: str, code: str) -> None:
         "missing-field": {"detectionId": detection_id, "resolution": "fixed"},
         "auto-resolution": good | {"resolution": "auto_resolved"},
         "number-for-string": good | {"detectionId": 12},
+        # PostgreSQL cannot compare text holding U+0000: the request must still be answered.
+        "nul-in-detection-id": good | {"detectionId": detection_id + "\u0000"},
+        "nul-in-resolved-by": good | {"resolvedBy": "ops-alice\u0000"},
+        "lone-surrogate": json.dumps(good).replace("ops-alice", "ops-\\ud800").encode(),
     }[case]
     if case == "resolved-twice":
         assert (await request(hub, good))["ok"] is True
