@@ -7,15 +7,17 @@ import time
 from datetime import UTC, datetime
 
 import structlog
+from nats.js.api import ConsumerInfo
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus, Lane, Stopped, lanes
+from worker.bus import NATS_ERRORS, Bus, Lane, Stopped, age_seconds, lanes
 from worker.commands import ResolveCommand
 from worker.config import Settings
 from worker.constants import (
     COMMAND_POOL_SIZE,
     CONSUMER_STALE_SECONDS,
     DUPLICATE_WINDOW_SECONDS,
+    LANE_STUCK_AFTER_SECONDS,
     METRICS_SAMPLE_SECONDS,
     READINESS_QUERY_SECONDS,
     RECONNECT_BASE_SECONDS,
@@ -226,7 +228,8 @@ class Worker:
         return {"loops": "ok" if not dead else f"stopped: {', '.join(sorted(dead))}"}
 
     async def readiness(self) -> Checks:
-        """NATS connected, the consumers answered recently, PostgreSQL answers."""
+        """NATS connected, the consumers answered recently, the lanes this worker owns
+        move, PostgreSQL answers."""
         checks: Checks = {}
         bus = self.bus
         checks["nats"] = "ok" if bus is not None and bus.nc.is_connected else "not connected"
@@ -235,6 +238,7 @@ class Worker:
         checks["consumer"] = (
             "ok" if fresh else "no consumer info in the last " + (f"{CONSUMER_STALE_SECONDS:.0f}s")
         )
+        checks["lanes"] = self._lanes_check()
         if self.pool is None:
             checks["postgres"] = "not connected yet"
         else:
@@ -254,6 +258,21 @@ class Worker:
                 await self.pool.expire_connections()
         return checks
 
+    def _lanes_check(self) -> str:
+        """ "ok", or which owned lanes have messages waiting and stopped advancing."""
+        manager = self.lane_manager
+        if manager is None:
+            return "ok"
+        stuck = manager.stuck(time.monotonic(), LANE_STUCK_AFTER_SECONDS)
+        return (
+            "; ".join(
+                f"lane {s.durable} has {s.waiting} messages waiting and has not advanced "
+                f"for {s.idle_seconds:.0f}s"
+                for s in stuck
+            )
+            or "ok"
+        )
+
     async def _sample(self, all_lanes: list[Lane], stopping: asyncio.Event) -> None:
         """Refresh the gauges that come from outside: consumer info, outbox backlog."""
         assert self.bus is not None
@@ -262,10 +281,7 @@ class Worker:
             try:
                 for lane in all_lanes:
                     info = await self.bus.consumer_info(lane)
-                    self.metrics.consumer_pending.labels(lane.durable).set(info.num_pending or 0)
-                    self.metrics.consumer_ack_pending.labels(lane.durable).set(
-                        info.num_ack_pending or 0
-                    )
+                    await self._sample_lane(lane, info)
                 self.consumers_seen_at = time.monotonic()
             except NATS_ERRORS as err:
                 log.warning("sample.consumers_failed", action="sample", error=str(err))
@@ -286,6 +302,29 @@ class Worker:
                 self.pool.get_size() - self.pool.get_idle_size()
             )
             await pause(stopping, METRICS_SAMPLE_SECONDS)
+
+    async def _sample_lane(self, lane: Lane, info: ConsumerInfo) -> None:
+        """A lane's progress and gauges, when this worker owns it (only its owner reports it)."""
+        assert self.bus is not None
+        manager = self.lane_manager
+        progress = manager.reporting(lane.key) if manager is not None else None
+        if manager is None or progress is None:
+            return
+        stored = await self.bus.oldest_unacked(lane, info)
+        if manager.reporting(lane.key) is not progress:
+            return  # handed over (or lost) meanwhile: the series are gone, leave them so
+        pending, ack_pending = info.num_pending or 0, info.num_ack_pending or 0
+        now = time.monotonic()
+        progress.observe(
+            info.ack_floor.stream_seq if info.ack_floor else 0, pending + ack_pending, now
+        )
+        self.metrics.report_lane(
+            lane.durable,
+            pending=pending,
+            ack_pending=ack_pending,
+            lag=age_seconds(stored),
+            idle=progress.idle_seconds(now),
+        )
 
     async def _ensure_topology(self, bus: Bus, stopping: asyncio.Event) -> int:
         attempt = 0
