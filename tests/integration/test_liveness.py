@@ -222,10 +222,21 @@ async def test_a_stopped_replicas_lanes_move_to_the_live_one_and_nothing_is_appl
 
 async def test_the_lane_gauges_are_reported_once_per_lane_across_replicas(hub: Hub) -> None:
     ports = [free_port(), free_port()]
-    for port in ports:
-        await hub.start_worker(http_addr=f"127.0.0.1:{port}")
+    await hub.start_worker(http_addr=f"127.0.0.1:{ports[0]}")
     for n in range(12):
         await hub.send("sp1", f"s{n}", "spawned")
+
+    async def first_reports_all() -> bool:
+        _, text = await probe(ports[0], "/metrics")
+        assert isinstance(text, str)
+        lanes = {
+            dict(k[1]).get("lane") for k in samples(text) if k[0].startswith("hub_worker_lane_")
+        }
+        return lanes == all_lanes(hub)
+
+    # The first worker reports every lane; the lanes it hands over must leave its /metrics.
+    await wait_until(first_reports_all, within=10, what="the first worker to report all lanes")
+    await hub.start_worker(http_addr=f"127.0.0.1:{ports[1]}")
 
     async def reported() -> dict[int, dict[str, set[str]]]:
         """Per worker: metric name -> the lanes it has a series for."""
