@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,8 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+from uuid import uuid4
 
 import pytest
 
@@ -282,3 +285,52 @@ async def test_the_lane_gauges_are_reported_once_per_lane_across_replicas(hub: H
     assert set().union(*(f["hub_worker_lane_lag_seconds"] for f in found.values())) == all_lanes(
         hub
     )
+
+
+async def test_the_runtime_role_may_end_a_silent_worker_and_spares_a_live_one(
+    hub: Hub,
+) -> None:
+    """`end_silent_worker` under the role of sql/grants.sql: pg_terminate_backend is allowed
+    on the role's own backends, the heartbeat row is readable and deletable."""
+    role = f"hub_runtime_{uuid4().hex[:10]}"
+    await hub.db.execute(f"CREATE ROLE {role} LOGIN")  # hex and ours: safe to inline
+    try:
+        await db.grant_runtime(hub.db, role)
+        as_runtime = urlunsplit(urlsplit(hub.database_url)._replace(netloc=_with_user(role, hub)))
+        silent = await db.connect(as_runtime, application_name="hub-worker:hub-worker-p0@aaaa")
+        live = await db.connect(as_runtime, application_name="hub-worker:hub-worker-p1@bbbb")
+        peer = await db.connect(as_runtime, application_name="hub-worker:lanes@cccc")
+        try:
+            for worker_id in ("aaaa", "bbbb"):
+                await db.beat(peer, worker_id)
+            await hub.db.execute(
+                "UPDATE worker_heartbeats SET beat_at = now() - interval '1 minute'"
+                " WHERE worker_id = 'aaaa'"
+            )
+            assert await db.silent_workers(peer, 30) == ["aaaa"]
+            assert await db.end_silent_worker(peer, "bbbb", 30) == 0, "a live worker is spared"
+            assert await db.end_silent_worker(peer, "aaaa", 30) == 1
+
+            async def terminated() -> bool:
+                with contextlib.suppress(*db.CONNECTION_ERRORS):
+                    await silent.fetchval("SELECT 1")
+                return silent.is_closed()
+
+            await wait_until(terminated, within=5, what="the silent worker's backend to end")
+            assert await live.fetchval("SELECT 1") == 1
+            assert await db.silent_workers(peer, 30) == []
+            assert await hub.value("SELECT array_agg(worker_id) FROM worker_heartbeats") == ["bbbb"]
+        finally:
+            for conn in (silent, live, peer):
+                conn.terminate()
+    finally:
+        await hub.db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await hub.db.execute(f"DROP OWNED BY {role}")
+        await hub.db.execute(f"DROP ROLE {role}")
+
+
+def _with_user(role: str, hub: Hub) -> str:
+    parts = urlsplit(hub.database_url)
+    return f"{role}@{parts.hostname}:{parts.port}"
