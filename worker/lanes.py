@@ -225,10 +225,12 @@ class LaneManager:
                     silent_after_seconds=LANE_OWNER_SILENT_SECONDS,
                 )
         except asyncpg.PostgresError as err:
-            if isinstance(err, db.CONNECTION_ERRORS):
+            if isinstance(err, db.CONNECTION_ERRORS) and not isinstance(
+                err, asyncpg.InsufficientPrivilegeError
+            ):
                 raise
-            # Not worth the lanes: a refusal here (a backend of another role, say)
-            # leaves that worker's lanes where they are; look again next round.
+            # Not worth the lanes: a refusal here (a missing grant, say) leaves that
+            # worker's lanes where they are; look again next round.
             log.warning(
                 "lanes.silent_worker_not_ended",
                 action="lanes.take_over",

@@ -15,7 +15,8 @@ ORDER BY worker_id;
 -- Forget worker $1 if it is still silent for $2 seconds, and terminate every backend
 -- it tagged (application_name ending in '@' || $1), which releases its advisory locks:
 -- its lanes and its member slot. One statement: a worker that beat meanwhile is spared.
--- Returns the number of backends signalled.
+-- Only backends of our own role, which a role may always terminate (a superuser's may
+-- not be). Returns the number of backends signalled.
 WITH silent AS (
     DELETE FROM worker_heartbeats
     WHERE worker_id = $1 AND beat_at < now() - make_interval(secs => $2)
@@ -23,7 +24,8 @@ WITH silent AS (
 )
 SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) AS ended
 FROM pg_stat_activity a JOIN silent ON a.application_name LIKE 'hub-worker:%@' || silent.worker_id
-WHERE a.datname = current_database() AND a.pid <> pg_backend_pid();
+WHERE a.datname = current_database() AND a.usename = current_user
+  AND a.pid <> pg_backend_pid();
 
 -- name: forget_worker
 -- A worker that stops cleanly removes its row.
