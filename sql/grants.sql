@@ -40,3 +40,8 @@ GRANT SELECT ON accounts TO :"runtime_role";
 
 -- The stall sweep claims its interval in its schedules row.
 GRANT SELECT, UPDATE ON schedules TO :"runtime_role";
+
+-- Lane owners' heartbeats: each worker writes its own row, a peer deletes a row gone
+-- silent (after terminating that worker's lane connections, which the same role may
+-- do without any grant: pg_terminate_backend allows a role's own backends).
+GRANT SELECT, INSERT, UPDATE, DELETE ON worker_heartbeats TO :"runtime_role";

@@ -7,15 +7,17 @@ import time
 from datetime import UTC, datetime
 
 import structlog
+from nats.js.api import ConsumerInfo
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus, Lane, Stopped, lanes
+from worker.bus import NATS_ERRORS, Bus, Lane, Stopped, age_seconds, lanes
 from worker.commands import ResolveCommand
 from worker.config import Settings
 from worker.constants import (
     COMMAND_POOL_SIZE,
     CONSUMER_STALE_SECONDS,
     DUPLICATE_WINDOW_SECONDS,
+    LANE_STUCK_AFTER_SECONDS,
     METRICS_SAMPLE_SECONDS,
     READINESS_QUERY_SECONDS,
     RECONNECT_BASE_SECONDS,
@@ -243,8 +245,8 @@ class Worker:
         return time.monotonic() - self.outbox_head_since
 
     async def readiness(self) -> Checks:
-        """NATS connected, the consumers answered recently, PostgreSQL answers,
-        the relay moves, the outbound stream exists."""
+        """NATS connected, the consumers answered recently, the lanes this worker owns
+        move, PostgreSQL answers, the relay moves, the outbound stream exists."""
         checks: Checks = {}
         bus = self.bus
         checks["nats"] = "ok" if bus is not None and bus.nc.is_connected else "not connected"
@@ -253,6 +255,7 @@ class Worker:
         checks["consumer"] = (
             "ok" if fresh else "no consumer info in the last " + (f"{CONSUMER_STALE_SECONDS:.0f}s")
         )
+        checks["lanes"] = self._lanes_check()
         if self.pool is None:
             checks["postgres"] = "not connected yet"
         else:
@@ -287,6 +290,21 @@ class Worker:
         )
         return checks
 
+    def _lanes_check(self) -> str:
+        """ "ok", or which owned lanes have messages waiting and stopped advancing."""
+        manager = self.lane_manager
+        if manager is None:
+            return "ok"
+        stuck = manager.stuck(time.monotonic(), LANE_STUCK_AFTER_SECONDS)
+        return (
+            "; ".join(
+                f"lane {s.durable} has {s.waiting} messages waiting and has not advanced "
+                f"for {s.idle_seconds:.0f}s"
+                for s in stuck
+            )
+            or "ok"
+        )
+
     async def _sample(self, all_lanes: list[Lane], stopping: asyncio.Event) -> None:
         """Refresh the gauges that come from outside: consumer info, outbox backlog."""
         assert self.bus is not None
@@ -296,10 +314,7 @@ class Worker:
                 lane_backlog = 0  # of the lanes this worker owns, for the catch-up report
                 for lane in all_lanes:
                     info = await self.bus.consumer_info(lane)
-                    self.metrics.consumer_pending.labels(lane.durable).set(info.num_pending or 0)
-                    self.metrics.consumer_ack_pending.labels(lane.durable).set(
-                        info.num_ack_pending or 0
-                    )
+                    await self._sample_lane(lane, info)
                     if self.lane_manager is not None and lane.key in self.lane_manager.owned:
                         lane_backlog += (info.num_pending or 0) + (info.num_ack_pending or 0)
                 self.consumers_seen_at = time.monotonic()
@@ -335,6 +350,29 @@ class Worker:
                 self.pool.get_size() - self.pool.get_idle_size()
             )
             await pause(stopping, METRICS_SAMPLE_SECONDS)
+
+    async def _sample_lane(self, lane: Lane, info: ConsumerInfo) -> None:
+        """A lane's progress and gauges, when this worker owns it (only its owner reports it)."""
+        assert self.bus is not None
+        manager = self.lane_manager
+        progress = manager.reporting(lane.key) if manager is not None else None
+        if manager is None or progress is None:
+            return
+        stored = await self.bus.oldest_unacked(lane, info)
+        if manager.reporting(lane.key) is not progress:
+            return  # handed over (or lost) meanwhile: the series are gone, leave them so
+        pending, ack_pending = info.num_pending or 0, info.num_ack_pending or 0
+        now = time.monotonic()
+        progress.observe(
+            info.ack_floor.stream_seq if info.ack_floor else 0, pending + ack_pending, now
+        )
+        self.metrics.report_lane(
+            lane.durable,
+            pending=pending,
+            ack_pending=ack_pending,
+            lag=age_seconds(stored),
+            idle=progress.idle_seconds(now),
+        )
 
     async def _ensure_topology(self, bus: Bus, stopping: asyncio.Event) -> int:
         attempt = 0

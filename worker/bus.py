@@ -146,6 +146,13 @@ def lanes(prefix: str, partitions: int) -> list[Lane]:
     ]
 
 
+def age_seconds(stored: datetime | None) -> float:
+    """Seconds since `stored` by this worker's clock, 0 for None (nothing waits)."""
+    if stored is None:
+        return 0.0
+    return max(0.0, (datetime.now(UTC) - stored).total_seconds())
+
+
 class Bus:
     """A NATS connection with JetStream, reconnecting forever on its own."""
 
@@ -382,8 +389,9 @@ class Bus:
         info: ConsumerInfo = await self.js.consumer_info(self.settings.events_stream, lane.durable)
         return info
 
-    async def take_over(self, lane: Lane) -> None:
-        """Make the lane's consumer deliver in stream order from its ack floor.
+    async def take_over(self, lane: Lane) -> int:
+        """Make the lane's consumer deliver in stream order from its ack floor;
+        returns the consumer's next delivery number.
 
         A previous owner that died holding unacked messages would have them
         redelivered only after the ack wait, behind newer ones: the session
@@ -395,9 +403,9 @@ class Bus:
             info = await self.js.consumer_info(stream, lane.durable)
         except nats.js.errors.NotFoundError:
             await self.ensure_consumer(lane)
-            return
+            return 1
         if not info.num_ack_pending:
-            return
+            return (info.delivered.consumer_seq if info.delivered else 0) + 1
         start = await self._recreate_at_ack_floor(lane, info)
         log.info(
             "consumer.rewound",
@@ -406,6 +414,7 @@ class Bus:
             from_sequence=start,
             unacked=info.num_ack_pending,
         )
+        return 1
 
     async def _recreate_at_ack_floor(self, lane: Lane, info: ConsumerInfo) -> int:
         """Replace the lane's consumer by one that starts just after its ack floor;
@@ -418,24 +427,31 @@ class Bus:
 
     async def backlog_age(self, lanes: list[Lane]) -> float:
         """Seconds since the oldest inbound message not yet acked was stored (0: no backlog)."""
-        stream = self.settings.events_stream
         oldest: datetime | None = None
         for lane in lanes:
+            first = await self.oldest_unacked(lane)
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+        return age_seconds(oldest)
+
+    async def oldest_unacked(self, lane: Lane, info: ConsumerInfo | None = None) -> datetime | None:
+        """When the lane's oldest message not yet acked was stored (None: nothing waits).
+
+        `info`: the lane's consumer info, when the caller has it already.
+        """
+        stream = self.settings.events_stream
+        if info is None:
             info = await self.js.consumer_info(stream, lane.durable)
-            if not info.num_pending and not info.num_ack_pending:
-                continue
-            floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            try:
-                first = await self.js.get_msg(
-                    stream, seq=floor + 1, subject=lane.filter_subject, next=True
-                )
-            except nats.js.errors.NotFoundError:
-                continue
-            if first.time is not None and (oldest is None or first.time < oldest):
-                oldest = first.time
-        if oldest is None:
-            return 0.0
-        return max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        if not info.num_pending and not info.num_ack_pending:
+            return None
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        try:
+            first = await self.js.get_msg(
+                stream, seq=floor + 1, subject=lane.filter_subject, next=True
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return first.time
 
     async def pull(self, lane: Lane) -> PullSubscription:
         return await self.js.pull_subscribe_bind(lane.durable, self.settings.events_stream)

@@ -38,6 +38,24 @@ MAX_ACK_PENDING = 1000
 LANE_CLAIM_INTERVAL_SECONDS = 1.0
 # Member slots a worker may take to count live workers (advisory lock ids).
 MEMBER_SLOTS = 256
+# Lane owners' heartbeats (docs/decisions.md, "A hung owner"): each worker's lane
+# manager beats this often from its control connection, seconds, independently of
+# lane work; a peer that finds a beat older than LANE_OWNER_SILENT_SECONDS (by the
+# database's clock) terminates that worker's lane connections and takes its lanes.
+# A worker stopped with SIGSTOP keeps its connections and locks, so without this its
+# lanes would wait until it resumes. Six missed beats: an event loop starved on a
+# loaded machine is not taken for a hung one (a false positive only moves lanes:
+# the lane lock still guarantees a single applier). A worker whose own loop was
+# held up for more than half that bound does not judge others in that round.
+LANE_OWNER_BEAT_SECONDS = 5.0
+LANE_OWNER_SILENT_SECONDS = 30.0
+# A lane this worker owns that has messages waiting and has not advanced (its
+# consumer's ack floor did not move) for this long makes /readyz fail, seconds.
+# As long as a statement may wait on a lock (DB_STATEMENT_TIMEOUT_SECONDS), so a
+# short table lock (an index build, a VACUUM FULL of a small table) does not trip
+# it; a batch redone one message at a time advances with every message settled.
+# During a database outage the lane is lost (not owned) and the postgres check fails.
+LANE_STUCK_AFTER_SECONDS = 60.0
 
 # Outbox relay: rows per read, the polling fallback when no NOTIFY arrives,
 # and how long a JetStream publish may wait for its ack, seconds.

@@ -118,6 +118,11 @@ class Queries:
     purge_ledger: str
     writable: str
     bound_session: str
+    # lanes.sql
+    beat: str
+    silent_workers: str
+    end_silent_worker: str
+    forget_worker: str
     # sweep.sql
     claim_schedule: str
     stalled_sessions: str
@@ -477,6 +482,28 @@ async def held_locks(conn: Connection, namespace: int, start: int, stop: int) ->
     """Keys in [start, stop) of a namespace that some connection holds right now."""
     rows = await conn.fetch(queries().held_locks, namespace, start, stop)
     return {int(r["objid"]) for r in rows}
+
+
+# --- lane owners' heartbeats ------------------------------------------------
+
+
+async def beat(conn: Connection, worker_id: str) -> None:
+    """Say that worker `worker_id` is alive (the database's clock)."""
+    await conn.execute(queries().beat, worker_id)
+
+
+async def silent_workers(conn: Connection, silent_seconds: float) -> list[str]:
+    """Workers whose last beat is older than `silent_seconds`."""
+    return [str(r["worker_id"]) for r in await conn.fetch(queries().silent_workers, silent_seconds)]
+
+
+async def end_silent_worker(conn: Connection, worker_id: str, silent_seconds: float) -> int:
+    """Terminate the tagged backends of `worker_id` if it is still silent; how many."""
+    return int(await conn.fetchval(queries().end_silent_worker, worker_id, silent_seconds))
+
+
+async def forget_worker(conn: Connection, worker_id: str) -> None:
+    await conn.execute(queries().forget_worker, worker_id)
 
 
 async def purge_ledger(conn: Connection, older_than_seconds: float, batch: int) -> int:

@@ -12,6 +12,15 @@ order.
 Workers share the lanes fairly: each live worker (counted through member
 slots, also advisory locks) owns at most ceil(lanes / workers); one that
 owns more hands the surplus back after the message in hand.
+
+A hung owner (stopped with SIGSTOP, say) keeps its connections, hence its
+locks: the kernel answers keepalives for it. So each lane manager beats in
+`worker_heartbeats` from its control connection and tags every connection it
+opens with its worker id; a peer that finds a beat older than
+LANE_OWNER_SILENT_SECONDS terminates that worker's tagged backends, which
+releases its lanes and its member slot, and claims the lanes as usual. The
+hung worker, resuming, finds its connections dead: nothing it had in hand
+can commit, its lanes end with LaneLost and it rejoins.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
+from uuid import uuid4
 
+import asyncpg
 import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
@@ -31,6 +43,8 @@ from worker.constants import (
     FETCH_MORE_SECONDS,
     FETCH_WAIT_SECONDS,
     LANE_CLAIM_INTERVAL_SECONDS,
+    LANE_OWNER_BEAT_SECONDS,
+    LANE_OWNER_SILENT_SECONDS,
     MEMBER_SLOTS,
     RECONNECT_BASE_SECONDS,
     RECONNECT_MAX_SECONDS,
@@ -49,11 +63,42 @@ _LANE_ENDING_ERRORS: tuple[type[Exception], ...] = (LaneLost, *db.CONNECTION_ERR
 
 
 @dataclass
+class Progress:
+    """How an owned lane moves, from its consumer info as sampled (worker.app).
+
+    The lane advances when its ack floor moves (a message settled, acked or
+    terminated). `since` is when it last advanced or was seen with nothing
+    waiting (monotonic seconds), starting at the claim.
+    """
+
+    since: float = field(default_factory=time.monotonic)
+    floor: int | None = None
+    waiting: int = 0
+
+    def observe(self, floor: int, waiting: int, now: float) -> None:
+        if waiting == 0 or (self.floor is not None and floor != self.floor):
+            self.since = now
+        self.floor, self.waiting = floor, waiting
+
+    def idle_seconds(self, now: float) -> float:
+        """Seconds messages have waited on the lane without it advancing (0: none wait)."""
+        return 0.0 if self.waiting == 0 else max(0.0, now - self.since)
+
+
+@dataclass
 class _Owned:
     lane: Lane
     conn: db.Connection
     release: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    progress: Progress = field(default_factory=Progress)
+
+
+@dataclass(frozen=True)
+class Stuck:
+    durable: str
+    waiting: int
+    idle_seconds: float
 
 
 class LaneManager:
@@ -78,19 +123,62 @@ class LaneManager:
         self.metrics = metrics
         self.batch_max = batch_max
         self.handled = 0
+        # Tags every connection of this manager (application_name), so that a peer
+        # can end them all should this worker stop beating.
+        self.worker_id = uuid4().hex[:12]
 
     def __repr__(self) -> str:
-        return f"<LaneManager owned={sorted(self.owned)} handled={self.handled}>"
+        return f"<LaneManager {self.worker_id} owned={sorted(self.owned)} handled={self.handled}>"
+
+    def application_name(self, role: str) -> str:
+        return f"hub-worker:{role}@{self.worker_id}"
+
+    def reporting(self, key: int) -> Progress | None:
+        """The lane's progress if this worker owns it and reports it, else None.
+
+        A lane being handed over (or whose connection is gone) is not reported:
+        its next owner may report it already, and a sum over replicas must
+        count each lane once.
+        """
+        owned = self.owned.get(key)
+        if owned is None or owned.release.is_set() or owned.conn.is_closed():
+            return None
+        return owned.progress
+
+    def stuck(self, now: float, after_seconds: float) -> list[Stuck]:
+        """Owned lanes with messages waiting that have not advanced for `after_seconds`."""
+        found = []
+        for key in sorted(self.owned):
+            progress = self.reporting(key)
+            if progress is not None and (idle := progress.idle_seconds(now)) >= after_seconds:
+                found.append(Stuck(self.lanes[key].durable, progress.waiting, idle))
+        return found
 
     async def run(self, stopping: asyncio.Event) -> None:
         failures = 0
         control: db.Connection | None = None
+        beaten_at = round_at = time.monotonic()
         try:
             while not stopping.is_set():
                 try:
+                    now = time.monotonic()
+                    # This loop itself was held up (a starved event loop, a slow
+                    # reconnect): others may look silent only because we did not
+                    # look for a while. Beat, but judge nobody this round.
+                    held_up = now - round_at > LANE_OWNER_SILENT_SECONDS / 2
+                    round_at = now
                     if control is None or control.is_closed():
-                        control = await db.connect(self.dsn, application_name="hub-worker:lanes")
+                        control = await db.connect(
+                            self.dsn, application_name=self.application_name("lanes")
+                        )
+                        await db.beat(control, self.worker_id)  # before any lane is ours
+                        beaten_at = time.monotonic()
                         await self._join(control)
+                    elif held_up or now - beaten_at >= LANE_OWNER_BEAT_SECONDS:
+                        await db.beat(control, self.worker_id)
+                        beaten_at = time.monotonic()
+                    if not held_up:
+                        await self._end_silent_workers(control)
                     await self._rebalance(control)
                     failures = 0
                 except db.CONNECTION_ERRORS as err:
@@ -116,13 +204,49 @@ class LaneManager:
                 *(o.task for o in self.owned.values() if o.task), return_exceptions=True
             )
             if control is not None:
+                if not control.is_closed():
+                    with contextlib.suppress(*db.CONNECTION_ERRORS):
+                        await db.forget_worker(control, self.worker_id)
                 await close_quietly(control)
+
+    async def _end_silent_workers(self, control: db.Connection) -> None:
+        """End the lane connections of workers that stopped beating, freeing their lanes."""
+        try:
+            silent = await db.silent_workers(control, LANE_OWNER_SILENT_SECONDS)
+            for worker_id in silent:
+                if worker_id == self.worker_id:
+                    continue  # we just beat: a row of ours read before that
+                ended = await db.end_silent_worker(control, worker_id, LANE_OWNER_SILENT_SECONDS)
+                (log.warning if ended else log.info)(
+                    "lanes.silent_worker_ended",
+                    action="lanes.take_over",
+                    worker=worker_id,
+                    backends_terminated=ended,
+                    silent_after_seconds=LANE_OWNER_SILENT_SECONDS,
+                )
+        except asyncpg.PostgresError as err:
+            if isinstance(err, db.CONNECTION_ERRORS) and not isinstance(
+                err, asyncpg.InsufficientPrivilegeError
+            ):
+                raise
+            # Not worth the lanes: a refusal here (a missing grant, say) leaves that
+            # worker's lanes where they are; look again next round.
+            log.warning(
+                "lanes.silent_worker_not_ended",
+                action="lanes.take_over",
+                error=f"{type(err).__name__}: {err}",
+            )
 
     async def _join(self, control: db.Connection) -> None:
         """Take a member slot so that other workers count this one."""
         for slot in range(MEMBER_SLOTS):
             if await db.try_lock(control, self.namespace, MEMBER_KEY_BASE + slot):
-                log.info("lanes.joined", action="lanes.join", member_slot=slot)
+                log.info(
+                    "lanes.joined",
+                    action="lanes.join",
+                    member_slot=slot,
+                    worker=self.worker_id,
+                )
                 return
         log.warning("lanes.no_member_slot", action="lanes.join")
 
@@ -140,7 +264,7 @@ class LaneManager:
         held = await db.held_locks(control, self.namespace, min(self.lanes), max(self.lanes) + 1)
         for key in sorted(set(self.lanes) - held - set(self.owned))[: share - len(mine)]:
             conn = await db.connect(
-                self.dsn, application_name=f"hub-worker:{self.lanes[key].durable}"
+                self.dsn, application_name=self.application_name(self.lanes[key].durable)
             )
             locked = False
             try:
@@ -181,15 +305,20 @@ class LaneManager:
         lane, conn = owned.lane, owned.conn
         log.info("lane.owned", action="lane.claim", lane=lane.durable)
         try:
-            await self.bus.take_over(lane)
+            # The consumer numbers its deliveries 1, 2, 3...: a number skipped
+            # is a delivery lost on the way (a NATS restart, a reconnect), or
+            # taken by a previous owner that resumed after a hang, not knowing
+            # yet that its lane is gone. The server would redeliver it only
+            # after the ack wait, behind what follows, so the lane rewinds
+            # instead of applying out of order. Counted from the take-over on.
+            next_delivery: int | None = await self.bus.take_over(lane)
             subscription = await self.bus.pull(lane)
             failures = 0
-            # The consumer numbers its deliveries 1, 2, 3...: a number skipped
-            # is a delivery lost on the way (a NATS restart, a reconnect). The
-            # server would redeliver it only after the ack wait, behind what
-            # follows, so the lane rewinds instead of applying out of order.
-            next_delivery: int | None = None
             while not owned.release.is_set():
+                if conn.is_closed():
+                    # Terminated (a peer took us for hung) or cut: the lock is
+                    # gone, so is the lane. Fetch nothing more from its consumer.
+                    raise LaneLost("the lane's database connection is closed")
                 try:
                     batch = await _fetch(subscription, self.batch_max)
                 except TimeoutError:
@@ -227,9 +356,8 @@ class LaneManager:
                         got=deliveries[:3],
                     )
                     await _give_back(batch)
-                    await self.bus.take_over(lane)
+                    next_delivery = await self.bus.take_over(lane)
                     subscription = await _rebind(self.bus, lane, subscription)
-                    next_delivery = None
                     continue
                 next_delivery = deliveries[-1] + 1
                 self.metrics.batch_size.observe(len(batch))
@@ -245,6 +373,10 @@ class LaneManager:
         except NATS_ERRORS as err:
             log.warning("lane.nats_failed", action="lane.lost", lane=lane.durable, error=str(err))
         finally:
+            # Stop reporting the lane before its lock goes: then its next owner
+            # is the only one to report it.
+            owned.release.set()
+            self.metrics.forget_lane(lane.durable)
             if not conn.is_closed():
                 with contextlib.suppress(*db.CONNECTION_ERRORS):
                     await db.unlock(conn, self.namespace, lane.key)

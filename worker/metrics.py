@@ -6,6 +6,7 @@ do not share counters. Units are in the names, as Prometheus expects.
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 
 from prometheus_client import (
@@ -84,16 +85,43 @@ class Metrics:
             "form: logged in full (dead_letter.unstored) and terminated.",
             registry=r,
         )
+        # Per lane, reported only by the lane's current owner (a series goes
+        # when this worker stops owning the lane): a sum over replicas counts
+        # each lane once.
         self.consumer_pending = Gauge(
             "hub_worker_consumer_pending_messages",
-            "Messages not yet delivered, per lane consumer (from consumer info).",
+            "Messages not yet delivered, per lane consumer (from consumer info); "
+            "reported by the lane's owner only.",
             ["consumer"],
             registry=r,
         )
         self.consumer_ack_pending = Gauge(
             "hub_worker_consumer_ack_pending_messages",
-            "Messages delivered but not yet acked, per lane consumer (from consumer info).",
+            "Messages delivered but not yet acked, per lane consumer (from consumer info); "
+            "reported by the lane's owner only.",
             ["consumer"],
+            registry=r,
+        )
+        self.lane_pending = Gauge(
+            "hub_worker_lane_pending_messages",
+            "Messages of the lane not yet applied (not delivered, or delivered and not "
+            "acked); reported by the lane's owner only.",
+            ["lane"],
+            registry=r,
+        )
+        self.lane_lag = Gauge(
+            "hub_worker_lane_lag_seconds",
+            "Inbound lag: age of the lane's oldest message not yet applied, seconds "
+            "(0 when none waits); reported by the lane's owner only.",
+            ["lane"],
+            registry=r,
+        )
+        self.lane_idle = Gauge(
+            "hub_worker_lane_idle_seconds",
+            "Seconds the lane has had messages waiting without advancing (no message "
+            "settled), 0 when none waits; past LANE_STUCK_AFTER_SECONDS /readyz fails. "
+            "Reported by the lane's owner only.",
+            ["lane"],
             registry=r,
         )
         self.outbox_backlog = Gauge(
@@ -153,6 +181,27 @@ class Metrics:
             ["role"],
             registry=r,
         )
+
+    def report_lane(
+        self, lane: str, *, pending: int, ack_pending: int, lag: float, idle: float
+    ) -> None:
+        self.consumer_pending.labels(lane).set(pending)
+        self.consumer_ack_pending.labels(lane).set(ack_pending)
+        self.lane_pending.labels(lane).set(pending + ack_pending)
+        self.lane_lag.labels(lane).set(lag)
+        self.lane_idle.labels(lane).set(idle)
+
+    def forget_lane(self, lane: str) -> None:
+        """This worker no longer owns `lane`: its series go (its next owner reports it)."""
+        for gauge in (
+            self.consumer_pending,
+            self.consumer_ack_pending,
+            self.lane_pending,
+            self.lane_lag,
+            self.lane_idle,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(lane)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
