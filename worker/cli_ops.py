@@ -47,6 +47,7 @@ from worker.client import AlertEvent, Spoke, publishable_headers, subscribe
 from worker.config import ConfigError, NatsAuth, Settings
 from worker.domain import LIFECYCLES, DeadLetterReason
 from worker.events import (
+    DeadLetterEvent,
     DetectionEscalatedEvent,
     DetectionState,
     EndedEvent,
@@ -123,6 +124,7 @@ examples:
   hub-worker alerts --since 2026-11-27T09:00:00Z --json | jq .detection.id
   hub-worker alerts --durable pager --severity high  # resumes where `pager` stopped
   hub-worker alerts --since all --count 10 --json    # the first 10 in the stream, then exit
+  hub-worker alerts --deadletters                    # dead letters as they happen, too
 
 Lines show the time, the change, the severity, the anomaly type, the session, the
 occurrence count (a gauge, not a delta) and the detection id. Ctrl-C stops (exit 0).
@@ -141,7 +143,7 @@ examples:
   hub-worker resolve 0b4c0d3e-57a4-4f44-9a57-0f0e0d0c0b0a --by ops-alice --resolution fixed
   hub-worker resolve "$ID" --by ops-alice --resolution dismissed --json
 
-Sends a request on P.cmd.detection.resolve, answered by a running worker (timeout 5 s,
+Sends a request on hub.cmd.detection.resolve (HUB_SUBJECT_PREFIX), answered by a running worker (timeout 5 s,
 asked once more after a timeout). Exit 3 when the worker refuses: not_found,
 already_resolved, unknown_account, invalid_request. The account must exist
 (`hub-worker accounts add ID`).
@@ -260,8 +262,9 @@ def _register_alerts(commands: argparse._SubParsersAction[argparse.ArgumentParse
         commands,
         "alerts",
         "follow detection events live",
-        "Follow the detection events the worker publishes (stream PU_OUT), one line each, "
-        "or one JSON object per line with --json.",
+        "Follow the detection events the worker publishes (stream HUB_OUT for the prefix "
+        "hub), one line each, or one JSON object per line with --json. Rides out NATS "
+        "restarts; an event is acked once printed.",
         ALERTS_EPILOG,
     )
     parser.add_argument(
@@ -290,6 +293,11 @@ def _register_alerts(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "or 'all'; default: from now on",
     )
     parser.add_argument("--mappings", action="store_true", help="include mapping events")
+    parser.add_argument(
+        "--deadletters",
+        action="store_true",
+        help="include dead-letter announcements (hub.deadletter.>)",
+    )
     parser.add_argument(
         "--durable",
         metavar="NAME",
@@ -321,7 +329,7 @@ def _register_resolve(commands: argparse._SubParsersAction[argparse.ArgumentPars
         commands,
         "resolve",
         "resolve a detection (through the worker)",
-        "Resolve an active detection through the NATS command P.cmd.detection.resolve and "
+        "Resolve an active detection through the NATS command hub.cmd.detection.resolve and "
         "print it as resolved.",
         RESOLVE_EPILOG,
     )
@@ -628,6 +636,7 @@ _CHANGE_COLORS = {
     "RESOLVED": "\x1b[32m",
     "REPEATED": "",
     "MAPPING": "\x1b[34m",
+    "DEADLETTER": "\x1b[1;31m",
 }
 
 
@@ -659,6 +668,13 @@ def alert_line(event: AlertEvent, color: bool = False) -> str:
         extras += [f"task={m.task!r}"] if m.task else []
         extras += [f"was={event.previous_status}"] if event.previous_status else []
         return f"{when} {label} {status} {' '.join(extras)} id={m.id}"
+    if isinstance(event, DeadLetterEvent):
+        label = _paint(f"{'DEADLETTER':<10}", _CHANGE_COLORS["DEADLETTER"], color)
+        error = " ".join(event.error.split())
+        return (
+            f"{when} {label} {event.reason}  subject={event.subject} "
+            f"deliveries={event.deliveries} id={event.dead_letter_id} error={error!r}"
+        )
     d = event.detection
     change = event.type.split(".", 1)[1].upper()
     label = _paint(f"{change:<10}", _CHANGE_COLORS.get(change, ""), color)
@@ -724,6 +740,7 @@ async def _alerts(args: argparse.Namespace, settings: Settings, endpoints: Endpo
                         kinds=args.kind,
                         sessions=args.session,
                         include_mappings=args.mappings,
+                        include_deadletters=args.deadletters,
                         since=args.since,
                     )
                 except ValueError as err:
