@@ -122,7 +122,7 @@ examples:
   hub-worker alerts --severity high --kind model_degradation
   hub-worker alerts --session s1 --mappings --since 1h
   hub-worker alerts --since 2026-11-27T09:00:00Z --json | jq .detection.id
-  hub-worker alerts --durable pager --severity high  # resumes where `pager` stopped
+  hub-worker alerts --durable tty-high --severity high  # resumes where `tty-high` stopped
   hub-worker alerts --since all --count 10 --json    # the first 10 in the stream, then exit
   hub-worker alerts --deadletters                    # dead letters as they happen, too
 
