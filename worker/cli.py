@@ -30,6 +30,8 @@ EXIT_USAGE = 2
 # Ports the embedded servers prefer, so that repeated runs keep their URLs.
 EMBEDDED_NATS_PORT = 4222
 EMBEDDED_POSTGRES_PORT = 5432
+# How long `migrate` waits for an unreachable database before giving up, seconds.
+MIGRATE_GIVE_UP_SECONDS = 60.0
 
 EPILOG = """\
 examples:
@@ -37,6 +39,29 @@ examples:
   HUB_NATS_URL=nats://nats:4222 HUB_DATABASE_URL=postgresql://hub@db/hub hub-worker run
   hub-worker migrate                  # apply pending migrations and exit
   hub-worker accounts add ops-alice   # an account that may resolve detections
+"""
+
+
+RUN_EPILOG = """\
+environment (README.md has the full table, credentials and TLS included):
+  HUB_NATS_URL                NATS URL(s), comma-separated; unset: an embedded NATS
+  HUB_DATABASE_URL            PostgreSQL DSN; unset: an embedded PostgreSQL
+  HUB_DATA_DIR                where embedded servers keep their data (default .hub)
+  HUB_SUBJECT_PREFIX          first token of every subject, and of the streams (hub)
+  HUB_HTTP_ADDR               /metrics, /healthz, /readyz; empty disables (127.0.0.1:9464)
+  HUB_LOG_FORMAT              json or console (console on a terminal)
+  HUB_PARTITIONS              ordered lanes of a new inbound stream (8)
+  HUB_STREAM_REPLICAS         replicas of the streams the worker creates (1)
+  HUB_STREAM_MAX_AGE_SECONDS  how long the streams and the ledger keep events (604800)
+  HUB_STALL_AFTER_SECONDS     a session silent this long is stalled (600)
+  HUB_SWEEP_INTERVAL_SECONDS  how often the stall sweep runs (30)
+  HUB_BATCH_MAX               most events per transaction; 1 is per-message (200)
+  HUB_SHUTDOWN_GRACE_SECONDS  how long a stop may take (20)
+  HUB_DATABASE_RUNTIME_ROLE   (migrate) the role granted the rights of run
+
+examples:
+  hub-worker run
+  HUB_DATA_DIR=/srv/hub hub-worker run    # then: HUB_DATA_DIR=/srv/hub hub-worker alerts
 """
 
 
@@ -55,7 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="apply migrations, ensure streams, process events until SIGINT/SIGTERM",
         description="Apply pending migrations, ensure the streams and consumers, and process "
         "events until SIGINT/SIGTERM. Without HUB_NATS_URL / HUB_DATABASE_URL, embedded "
-        "servers are started under HUB_DATA_DIR and their URLs printed.",
+        "servers are started under HUB_DATA_DIR and their URLs printed; the other commands "
+        "then find them there. One such run per HUB_DATA_DIR.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands.add_parser(
         "migrate",
@@ -234,8 +262,22 @@ def _operate(args: argparse.Namespace, settings: Settings, endpoints: Endpoints)
 
 
 def _migrate(settings: Settings, endpoints: Endpoints) -> int:
+    async def apply() -> None:
+        # "Apply and exit": an unreachable database (a mistyped URL, a server that never
+        # comes) is waited for a while, as at a compose start, then given up on.
+        async with asyncio.timeout(MIGRATE_GIVE_UP_SECONDS):
+            await migrate(endpoints.database_url, runtime_role=settings.database_runtime_role)
+
     try:
-        asyncio.run(migrate(endpoints.database_url, runtime_role=settings.database_runtime_role))
+        asyncio.run(apply())
+    except TimeoutError:
+        print(
+            f"hub-worker: migrate failed: no database answered at "
+            f"{cli_ops.redact(endpoints.database_url)} within {MIGRATE_GIVE_UP_SECONDS:g} s "
+            "(check HUB_DATABASE_URL)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except (db.MigrationsPending, db.NoSuchRole, asyncpg.PostgresError) as err:
         print(f"hub-worker: migrate failed: {err}", file=sys.stderr)
         return EXIT_FAILURE

@@ -490,7 +490,7 @@ def _silence_stdout() -> None:
         pass
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """A URL without its credentials, for messages."""
     try:
         parts = urlsplit(url)
@@ -528,7 +528,7 @@ async def _nats(
             **connect_options(auth),
         )
     except (TimeoutError, nats.errors.Error, OSError) as err:
-        where = ", ".join(_redact(u) for u in urls)
+        where = ", ".join(redact(u) for u in urls)
         raise CommandFailed(
             EXIT_FAILURE, f"cannot reach NATS at {where} ({_describe(err)})"
         ) from None
@@ -795,9 +795,8 @@ async def _detections(args: argparse.Namespace, settings: Settings, endpoints: E
         return EXIT_OK
     if not found:
         what = "detections" if args.all else "active detections"
-        print(
-            f"no {what}" + (f" for session {args.session}" if args.session else ""), file=sys.stderr
-        )
+        # A result, not an error: on stdout.
+        print(f"no {what}" + (f" for session {args.session}" if args.session else ""))
         return EXIT_OK
     headers = ["ID", "SEVERITY", "TYPE", "SESSION", "COUNT", "OPENED", "UPDATED"]
     if args.all:

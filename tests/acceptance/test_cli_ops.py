@@ -534,7 +534,7 @@ async def test_detections_lists_active_and_recent(hub: Hub) -> None:
 
     none = await cli(hub, "detections", "--session", "s2")
     assert (none.code, none.out) == (0, "")
-    assert none.err == "no active detections for session s2\n"
+    assert none.out == "no active detections for session s2\n"
 
     resolved = await cli(hub, "detections", "--all", "--session", "s2")
     header, row = resolved.lines()
