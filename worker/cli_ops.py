@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 import nats
@@ -163,11 +163,15 @@ examples:
   hub-worker deadletters replay 17 18 19
 
 Republishes each dead letter's original bytes, with its stored headers, to its
-original subject through JetStream, with a new Nats-Msg-Id so that the stream's
-duplicate window does not drop it. Replaying is safe: the worker recognises an
+original subject through JetStream. Replaying is safe: the worker recognises an
 eventId it already applied and changes nothing, and a message that still cannot be
-applied is dead-lettered again. The dead letter records the replay (replayed_at,
-replay_count). Exit 3 when an id does not exist (the others are still replayed).
+applied is dead-lettered again. The replay is recorded (replay_count) before it is
+published, with Nats-Msg-Id deadletter-ID-replay-N, and confirmed (replayed_at)
+once JetStream stored it; a replay that failed half-way is retried under the same
+number, so running the command again does not publish it twice (within the
+stream's 2-minute duplicate window; after that the worker's ledger still applies
+it once). Runs under the runtime role (sql/grants.sql). Exit 3 when an id does
+not exist (the others are still replayed).
 """
 
 
@@ -918,6 +922,13 @@ async def _deadletters(args: argparse.Namespace, settings: Settings, endpoints: 
     return EXIT_OK
 
 
+def replay_msg_id(dead_letter_id: int, replay: int) -> str:
+    """The Nats-Msg-Id of replay number `replay` of a dead letter: the same for every
+    attempt at one replay (JetStream drops a retry that finds the first one stored),
+    distinct from the original message's and from other replays'."""
+    return f"deadletter-{dead_letter_id}-replay-{replay}"
+
+
 async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpoints) -> int:
     ids = list(dict.fromkeys(args.ids))
     async with _database(endpoints) as conn:
@@ -927,7 +938,21 @@ async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpo
             async with _nats(endpoints, settings.nats_auth) as nc:
                 js = nc.jetstream()
                 for letter in letters.values():
-                    msg_id = str(uuid4())
+                    # Recorded first: a publish that fails, or a confirmation that does,
+                    # leaves the replay begun, and retrying it reuses its Nats-Msg-Id.
+                    try:
+                        replay = await db.begin_dead_letter_replay(conn, letter.id)
+                    except asyncpg.InsufficientPrivilegeError as err:
+                        raise CommandFailed(
+                            EXIT_FAILURE,
+                            f"cannot record the replay of dead letter {letter.id} ({err}), so "
+                            "nothing was published: apply sql/grants.sql (`hub-worker migrate` "
+                            "with HUB_DATABASE_RUNTIME_ROLE)",
+                        ) from None
+                    if replay is None:
+                        missing.append(letter.id)
+                        continue
+                    msg_id = replay_msg_id(letter.id, replay)
                     headers = publishable_headers(letter.headers, msg_id)
                     headers["Hub-Replay-Of"] = str(letter.id)
                     try:
@@ -946,13 +971,24 @@ async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpo
                     except (TimeoutError, nats.errors.Error) as err:
                         raise CommandFailed(
                             EXIT_FAILURE,
-                            f"replaying dead letter {letter.id} failed ({_describe(err)})",
+                            f"replaying dead letter {letter.id} failed ({_describe(err)}); "
+                            "running the same replay again is safe",
                         ) from None
-                    marked = await db.mark_dead_letter_replayed(conn, letter.id)
-                    count = marked[1] if marked else letter.replay_count + 1
+                    try:
+                        await db.mark_dead_letter_replayed(conn, letter.id, replay)
+                    except asyncpg.InsufficientPrivilegeError as err:
+                        raise CommandFailed(
+                            EXIT_FAILURE,
+                            f"dead letter {letter.id} was republished but the replay could "
+                            f"not be confirmed ({err}): apply sql/grants.sql (`hub-worker "
+                            "migrate` with HUB_DATABASE_RUNTIME_ROLE); running the same "
+                            "replay again is safe",
+                        ) from None
+                    again = " (already in the stream: a retried replay)" if ack.duplicate else ""
                     print(
                         f"replayed dead letter {letter.id} ({letter.reason}) to {letter.subject} "
-                        f"as {ack.stream} #{ack.seq}, Nats-Msg-Id {msg_id}, replay {count}",
+                        f"as {ack.stream} #{ack.seq}, Nats-Msg-Id {msg_id}, replay {replay}"
+                        f"{again}",
                         flush=True,
                     )
     for i in missing:

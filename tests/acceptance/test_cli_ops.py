@@ -118,7 +118,8 @@ def test_replay_help_says_replaying_is_safe(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         parser().parse_args(["deadletters", "replay", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "new Nats-Msg-Id" in text
+    assert "Nats-Msg-Id deadletter-ID-replay-N" in text
+    assert "does not publish it twice" in text
     assert "recognises an eventId it already applied" in text
 
 
