@@ -534,7 +534,7 @@ async def test_detections_lists_active_and_recent(hub: Hub) -> None:
     assert len((await cli(hub, "detections", "--limit", "1", "--json")).json) == 1
 
     none = await cli(hub, "detections", "--session", "s2")
-    assert (none.code, none.out) == (0, "")
+    assert (none.code, none.err) == (0, "")
     assert none.out == "no active detections for session s2\n"
 
     resolved = await cli(hub, "detections", "--all", "--session", "s2")
