@@ -33,6 +33,9 @@ GRANT SELECT, INSERT ON outbox_set_aside TO :"runtime_role";
 
 -- Bad input is stored (and its id returned for the announcement).
 GRANT SELECT, INSERT ON dead_letters TO :"runtime_role";
+-- `hub-worker deadletters replay` (run beside the worker, as this role) records each
+-- replay before publishing it and confirms it after: those two columns only.
+GRANT UPDATE (replayed_at, replay_count) ON dead_letters TO :"runtime_role";
 
 -- The resolve command checks that `resolvedBy` is a known account; accounts
 -- are managed with `hub-worker accounts` under the owner role.

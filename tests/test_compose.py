@@ -41,6 +41,7 @@ OBSERVABILITY_SERVICES = {"prometheus", "grafana"}
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 ALERT_RULES = ROOT / "deploy" / "prometheus" / "hub-worker-rules.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
+OPS_SERVICES = {"accounts"}
 NON_ROOT_UID = "10001"
 
 # `${NAME}`, `${NAME:-default}`, `${NAME?error}` ... and bare `$NAME`; `$$` is a literal `$`.
@@ -139,7 +140,7 @@ def python_code(command: list[str]) -> str:
 
 
 def test_the_stack_has_its_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == CORE_SERVICES | DEMO_SERVICES | OBSERVABILITY_SERVICES
+    assert set(services) == CORE_SERVICES | DEMO_SERVICES | OBSERVABILITY_SERVICES | OPS_SERVICES
 
 
 def test_every_image_is_pinned_to_a_version(services: dict[str, dict[str, Any]]) -> None:
@@ -394,6 +395,28 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
     assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]*\}", env["GF_SECURITY_ADMIN_PASSWORD"])
     assert ("grafana-data", "/var/lib/grafana") in named_volumes(compose, grafana)
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_started"}}
+
+
+def test_accounts_run_one_shot_as_the_schema_owner(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The runtime role may only read accounts (sql/grants.sql): `accounts` runs as the
+    owner that `migrate` runs as, on demand (`--profile ops run --rm accounts add …`)."""
+    accounts, migrate = services["accounts"], services["migrate"]
+    assert accounts["profiles"] == ["ops"]
+    assert accounts["entrypoint"] == ["hub-worker", "accounts"]
+    assert accounts["restart"] == "no"
+    assert accounts["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+    for key in ("HUB_DATABASE_URL", "HUB_DATABASE_PASSWORD"):
+        assert environment(accounts)[key] == environment(migrate)[key], key
+    assert (
+        environment(accounts)["HUB_DATABASE_URL"]
+        != environment(services["worker"])["HUB_DATABASE_URL"]
+    )
+    grants = (ROOT / "sql" / "grants.sql").read_text()
+    on_accounts = re.findall(r"^GRANT (.+) ON accounts TO", grants, flags=re.MULTILINE)
+    assert on_accounts == ["SELECT"], "the runtime role may not write accounts"
+    assert "profiles" not in services["worker"]
 
 
 def test_demo_spoke_runs_the_mounted_script(services: dict[str, dict[str, Any]]) -> None:

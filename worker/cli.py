@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import structlog
 
-from worker import __version__, cli_ops, db, logs
+from worker import __version__, cli_ops, db, logs, running
 from worker.app import Worker, migrate
 from worker.config import ConfigError, Settings
-from worker.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres, free_port
+from worker.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres, preferred_port
 
 log = structlog.get_logger("worker.cli")
 
@@ -29,6 +30,8 @@ EXIT_USAGE = 2
 # Ports the embedded servers prefer, so that repeated runs keep their URLs.
 EMBEDDED_NATS_PORT = 4222
 EMBEDDED_POSTGRES_PORT = 5432
+# How long `migrate` waits for an unreachable database before giving up, seconds.
+MIGRATE_GIVE_UP_SECONDS = 60.0
 
 EPILOG = """\
 examples:
@@ -36,6 +39,29 @@ examples:
   HUB_NATS_URL=nats://nats:4222 HUB_DATABASE_URL=postgresql://hub@db/hub hub-worker run
   hub-worker migrate                  # apply pending migrations and exit
   hub-worker accounts add ops-alice   # an account that may resolve detections
+"""
+
+
+RUN_EPILOG = """\
+environment (README.md has the full table, credentials and TLS included):
+  HUB_NATS_URL                NATS URL(s), comma-separated; unset: an embedded NATS
+  HUB_DATABASE_URL            PostgreSQL DSN; unset: an embedded PostgreSQL
+  HUB_DATA_DIR                where embedded servers keep their data (default .hub)
+  HUB_SUBJECT_PREFIX          first token of every subject, and of the streams (hub)
+  HUB_HTTP_ADDR               /metrics, /healthz, /readyz; empty disables (127.0.0.1:9464)
+  HUB_LOG_FORMAT              json or console (console on a terminal)
+  HUB_PARTITIONS              ordered lanes of a new inbound stream (8)
+  HUB_STREAM_REPLICAS         replicas of the streams the worker creates (1)
+  HUB_STREAM_MAX_AGE_SECONDS  how long the streams and the ledger keep events (604800)
+  HUB_STALL_AFTER_SECONDS     a session silent this long is stalled (600)
+  HUB_SWEEP_INTERVAL_SECONDS  how often the stall sweep runs (30)
+  HUB_BATCH_MAX               most events per transaction; 1 is per-message (200)
+  HUB_SHUTDOWN_GRACE_SECONDS  how long a stop may take (20)
+  HUB_DATABASE_RUNTIME_ROLE   (migrate) the role granted the rights of run
+
+examples:
+  hub-worker run
+  HUB_DATA_DIR=/srv/hub hub-worker run    # then: HUB_DATA_DIR=/srv/hub hub-worker alerts
 """
 
 
@@ -54,7 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="apply migrations, ensure streams, process events until SIGINT/SIGTERM",
         description="Apply pending migrations, ensure the streams and consumers, and process "
         "events until SIGINT/SIGTERM. Without HUB_NATS_URL / HUB_DATABASE_URL, embedded "
-        "servers are started under HUB_DATA_DIR and their URLs printed.",
+        "servers are started under HUB_DATA_DIR and their URLs printed; the other commands "
+        "then find them there. One such run per HUB_DATA_DIR.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands.add_parser(
         "migrate",
@@ -101,23 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     logs.configure(settings.log_format, settings.log_level)
 
-    if args.command in cli_ops.COMMANDS and args.command not in cli_ops.DATABASE_COMMANDS:
-        # NATS-only commands talk to the configured NATS, or to the one
-        # `hub-worker run` embeds on its preferred port; they start nothing.
-        nats_urls = list(settings.nats_urls or [f"nats://127.0.0.1:{EMBEDDED_NATS_PORT}"])
-        return _operate(args, settings, Endpoints(settings.database_url or "", nats_urls))
-    try:
-        with servers(settings, need_nats=args.command == "run") as endpoints:
-            if args.command in cli_ops.COMMANDS:
-                return _operate(args, settings, endpoints)
-            if args.command == "migrate":
-                return _migrate(settings, endpoints)
-            if args.command == "accounts":
-                return asyncio.run(_accounts(endpoints.database_url, args))
-            return _run(settings, endpoints)
-    except EmbeddedError as err:
-        print(f"hub-worker: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+    if args.command == "run":
+        return _run_command(settings)
+    endpoints = _find_hub(args, settings)
+    if endpoints is None:
+        return EXIT_USAGE
+    if args.command in cli_ops.COMMANDS:
+        return _operate(args, settings, endpoints)
+    if args.command == "migrate":
+        return _migrate(settings, endpoints)
+    return asyncio.run(_accounts(endpoints.database_url, args))
 
 
 @dataclass(frozen=True)
@@ -126,49 +148,110 @@ class Endpoints:
     nats_urls: list[str]
 
 
+def _find_hub(args: argparse.Namespace, settings: Settings) -> Endpoints | None:
+    """The configured servers; for what is not configured, those of the `hub-worker run`
+    running on HUB_DATA_DIR. None (after saying so) when that is needed and none runs."""
+    command = str(args.command)
+    needs_nats = command in cli_ops.COMMANDS and (
+        command not in cli_ops.DATABASE_COMMANDS or getattr(args, "action", None) == "replay"
+    )
+    needs_database = command not in cli_ops.COMMANDS or command in cli_ops.DATABASE_COMMANDS
+    database_url = settings.database_url or ""
+    nats_urls = list(settings.nats_urls or [])
+    missing = [
+        variable
+        for variable, needed, have in (
+            ("HUB_DATABASE_URL", needs_database, bool(database_url)),
+            ("HUB_NATS_URL", needs_nats, bool(nats_urls)),
+        )
+        if needed and not have
+    ]
+    if not missing:
+        return Endpoints(database_url, nats_urls)
+    data_dir = settings.data_dir.resolve()
+    hub = running.running_hub(data_dir)
+    if needs_database and not database_url and hub is not None:
+        database_url = hub.database_url or ""
+    if needs_nats and not nats_urls and hub is not None and hub.nats_url:
+        nats_urls = [hub.nats_url]
+    if (needs_database and not database_url) or (needs_nats and not nats_urls):
+        print(
+            f"hub-worker {command}: no hub is running on {data_dir}: start one there with "
+            "`hub-worker run`, point HUB_DATA_DIR at the folder one runs on, or set "
+            f"{' and '.join(missing)}",
+            file=sys.stderr,
+        )
+        return None
+    return Endpoints(database_url, nats_urls)
+
+
+def _run_command(settings: Settings) -> int:
+    """`run`: embedded servers for what is not configured, under a lock on HUB_DATA_DIR."""
+    if settings.database_url is not None and settings.nats_urls:
+        return _run(settings, Endpoints(settings.database_url, list(settings.nats_urls)))
+    data_dir = settings.data_dir.resolve()
+    lock = running.RunLock(data_dir)
+    try:
+        lock.acquire()
+    except running.AlreadyRunning as err:
+        print(f"hub-worker run: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with servers(settings, data_dir) as endpoints:
+            return _run(settings, endpoints)
+    except EmbeddedError as err:
+        print(f"hub-worker: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        lock.release()
+
+
 @contextmanager
-def servers(settings: Settings, need_nats: bool) -> Iterator[Endpoints]:
-    """The configured servers, or embedded ones under HUB_DATA_DIR for what is not configured."""
+def servers(settings: Settings, data_dir: Path) -> Iterator[Endpoints]:
+    """The configured servers, or embedded ones under `data_dir` for what is not configured,
+    recorded in its `hub.json` while they run (the caller holds its lock)."""
+    previous = running.read_state(data_dir)
+    running.stop_leftover_nats(previous, data_dir / "nats")
+    state = running.HubState(pid=os.getpid())
     embedded_nats: EmbeddedNats | None = None
     embedded_pg: EmbeddedPostgres | None = None
     try:
         database_url = settings.database_url
         if database_url is None:
             embedded_pg = EmbeddedPostgres(
-                settings.data_dir / "postgres", port=_port_or_free(EMBEDDED_POSTGRES_PORT)
+                data_dir / "postgres",
+                port=preferred_port(previous.postgres_port, EMBEDDED_POSTGRES_PORT),
             )
             database_url = embedded_pg.start()
-            # `run` prints the URLs for people; other commands keep stdout for their output.
-            notices = sys.stdout if need_nats else sys.stderr
-            print(f"hub-worker: embedded PostgreSQL  {database_url}", file=notices, flush=True)
-            print(f"            psql {database_url}", file=notices, flush=True)
+            state.database_url, state.postgres_port = database_url, embedded_pg.port
+            state.postgres_data_dir = str(embedded_pg.data_dir)
+            print(f"hub-worker: embedded PostgreSQL  {database_url}", flush=True)
+            print(f"            psql {database_url}", flush=True)
         nats_urls = list(settings.nats_urls or [])
-        if need_nats and not nats_urls:
+        if not nats_urls:
             embedded_nats = EmbeddedNats(
-                settings.data_dir / "nats", port=_port_or_free(EMBEDDED_NATS_PORT)
+                data_dir / "nats", port=preferred_port(previous.nats_port, EMBEDDED_NATS_PORT)
             )
             nats_urls = [embedded_nats.start()]
+            state.nats_url, state.nats_port = nats_urls[0], embedded_nats.port
+            state.nats_pid = embedded_nats.process.pid if embedded_nats.process else None
             print(f"hub-worker: embedded NATS        {nats_urls[0]}", flush=True)
             print(
                 f"            spokes publish to {settings.subject_prefix}.spoke.<spokeId>."
                 "session.<sessionId>.<event>",
                 flush=True,
             )
+        running.write_state(data_dir, state)
         yield Endpoints(database_url, nats_urls)
     finally:
         if embedded_nats is not None:
             embedded_nats.stop()
         if embedded_pg is not None:
             embedded_pg.stop()
-
-
-def _port_or_free(preferred: int) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", preferred))
-        except OSError:
-            return free_port()
-    return preferred
+        # Not running any more; the ports stay, for the next `run` to prefer.
+        state.pid = state.nats_pid = None
+        with contextlib.suppress(OSError):
+            running.write_state(data_dir, state)
 
 
 def _operate(args: argparse.Namespace, settings: Settings, endpoints: Endpoints) -> int:
@@ -179,8 +262,22 @@ def _operate(args: argparse.Namespace, settings: Settings, endpoints: Endpoints)
 
 
 def _migrate(settings: Settings, endpoints: Endpoints) -> int:
+    async def apply() -> None:
+        # "Apply and exit": an unreachable database (a mistyped URL, a server that never
+        # comes) is waited for a while, as at a compose start, then given up on.
+        async with asyncio.timeout(MIGRATE_GIVE_UP_SECONDS):
+            await migrate(endpoints.database_url, runtime_role=settings.database_runtime_role)
+
     try:
-        asyncio.run(migrate(endpoints.database_url, runtime_role=settings.database_runtime_role))
+        asyncio.run(apply())
+    except TimeoutError:
+        print(
+            f"hub-worker: migrate failed: no database answered at "
+            f"{cli_ops.redact(endpoints.database_url)} within {MIGRATE_GIVE_UP_SECONDS:g} s "
+            "(check HUB_DATABASE_URL)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except (db.MigrationsPending, db.NoSuchRole, asyncpg.PostgresError) as err:
         print(f"hub-worker: migrate failed: {err}", file=sys.stderr)
         return EXIT_FAILURE

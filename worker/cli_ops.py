@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 import nats
@@ -47,6 +47,7 @@ from worker.client import AlertEvent, Spoke, publishable_headers, subscribe
 from worker.config import ConfigError, NatsAuth, Settings
 from worker.domain import LIFECYCLES, DeadLetterReason
 from worker.events import (
+    DeadLetterEvent,
     DetectionEscalatedEvent,
     DetectionState,
     EndedEvent,
@@ -121,8 +122,9 @@ examples:
   hub-worker alerts --severity high --kind model_degradation
   hub-worker alerts --session s1 --mappings --since 1h
   hub-worker alerts --since 2026-11-27T09:00:00Z --json | jq .detection.id
-  hub-worker alerts --durable pager --severity high  # resumes where `pager` stopped
+  hub-worker alerts --durable tty-high --severity high  # resumes where `tty-high` stopped
   hub-worker alerts --since all --count 10 --json    # the first 10 in the stream, then exit
+  hub-worker alerts --deadletters                    # dead letters as they happen, too
 
 Lines show the time, the change, the severity, the anomaly type, the session, the
 occurrence count (a gauge, not a delta) and the detection id. Ctrl-C stops (exit 0).
@@ -141,7 +143,7 @@ examples:
   hub-worker resolve 0b4c0d3e-57a4-4f44-9a57-0f0e0d0c0b0a --by ops-alice --resolution fixed
   hub-worker resolve "$ID" --by ops-alice --resolution dismissed --json
 
-Sends a request on P.cmd.detection.resolve, answered by a running worker (timeout 5 s,
+Sends a request on hub.cmd.detection.resolve (HUB_SUBJECT_PREFIX), answered by a running worker (timeout 5 s,
 asked once more after a timeout). Exit 3 when the worker refuses: not_found,
 already_resolved, unknown_account, invalid_request. The account must exist
 (`hub-worker accounts add ID`).
@@ -161,11 +163,15 @@ examples:
   hub-worker deadletters replay 17 18 19
 
 Republishes each dead letter's original bytes, with its stored headers, to its
-original subject through JetStream, with a new Nats-Msg-Id so that the stream's
-duplicate window does not drop it. Replaying is safe: the worker recognises an
+original subject through JetStream. Replaying is safe: the worker recognises an
 eventId it already applied and changes nothing, and a message that still cannot be
-applied is dead-lettered again. The dead letter records the replay (replayed_at,
-replay_count). Exit 3 when an id does not exist (the others are still replayed).
+applied is dead-lettered again. The replay is recorded (replay_count) before it is
+published, with Nats-Msg-Id deadletter-ID-replay-N, and confirmed (replayed_at)
+once JetStream stored it; a replay that failed half-way is retried under the same
+number, so running the command again does not publish it twice (within the
+stream's 2-minute duplicate window; after that the worker's ledger still applies
+it once). Runs under the runtime role (sql/grants.sql). Exit 3 when an id does
+not exist (the others are still replayed).
 """
 
 
@@ -261,8 +267,9 @@ def _register_alerts(commands: argparse._SubParsersAction[argparse.ArgumentParse
         commands,
         "alerts",
         "follow detection events live",
-        "Follow the detection events the worker publishes (stream PU_OUT), one line each, "
-        "or one JSON object per line with --json.",
+        "Follow the detection events the worker publishes (stream HUB_OUT for the prefix "
+        "hub), one line each, or one JSON object per line with --json. Rides out NATS "
+        "restarts; an event is acked once printed.",
         ALERTS_EPILOG,
     )
     parser.add_argument(
@@ -291,6 +298,11 @@ def _register_alerts(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "or 'all'; default: from now on",
     )
     parser.add_argument("--mappings", action="store_true", help="include mapping events")
+    parser.add_argument(
+        "--deadletters",
+        action="store_true",
+        help="include dead-letter announcements (hub.deadletter.>)",
+    )
     parser.add_argument(
         "--durable",
         metavar="NAME",
@@ -322,7 +334,7 @@ def _register_resolve(commands: argparse._SubParsersAction[argparse.ArgumentPars
         commands,
         "resolve",
         "resolve a detection (through the worker)",
-        "Resolve an active detection through the NATS command P.cmd.detection.resolve and "
+        "Resolve an active detection through the NATS command hub.cmd.detection.resolve and "
         "print it as resolved.",
         RESOLVE_EPILOG,
     )
@@ -483,7 +495,7 @@ def _silence_stdout() -> None:
         pass
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """A URL without its credentials, for messages."""
     try:
         parts = urlsplit(url)
@@ -521,7 +533,7 @@ async def _nats(
             **connect_options(auth),
         )
     except (TimeoutError, nats.errors.Error, OSError) as err:
-        where = ", ".join(_redact(u) for u in urls)
+        where = ", ".join(redact(u) for u in urls)
         raise CommandFailed(
             EXIT_FAILURE, f"cannot reach NATS at {where} ({_describe(err)})"
         ) from None
@@ -629,6 +641,7 @@ _CHANGE_COLORS = {
     "RESOLVED": "\x1b[32m",
     "REPEATED": "",
     "MAPPING": "\x1b[34m",
+    "DEADLETTER": "\x1b[1;31m",
 }
 
 
@@ -660,6 +673,13 @@ def alert_line(event: AlertEvent, color: bool = False) -> str:
         extras += [f"task={m.task!r}"] if m.task else []
         extras += [f"was={event.previous_status}"] if event.previous_status else []
         return f"{when} {label} {status} {' '.join(extras)} id={m.id}"
+    if isinstance(event, DeadLetterEvent):
+        label = _paint(f"{'DEADLETTER':<10}", _CHANGE_COLORS["DEADLETTER"], color)
+        error = " ".join(event.error.split())
+        return (
+            f"{when} {label} {event.reason}  subject={event.subject} "
+            f"deliveries={event.deliveries} id={event.dead_letter_id} error={error!r}"
+        )
     d = event.detection
     change = event.type.split(".", 1)[1].upper()
     label = _paint(f"{change:<10}", _CHANGE_COLORS.get(change, ""), color)
@@ -725,6 +745,7 @@ async def _alerts(args: argparse.Namespace, settings: Settings, endpoints: Endpo
                         kinds=args.kind,
                         sessions=args.session,
                         include_mappings=args.mappings,
+                        include_deadletters=args.deadletters,
                         since=args.since,
                     )
                 except ValueError as err:
@@ -779,9 +800,8 @@ async def _detections(args: argparse.Namespace, settings: Settings, endpoints: E
         return EXIT_OK
     if not found:
         what = "detections" if args.all else "active detections"
-        print(
-            f"no {what}" + (f" for session {args.session}" if args.session else ""), file=sys.stderr
-        )
+        # A result, not an error: on stdout.
+        print(f"no {what}" + (f" for session {args.session}" if args.session else ""))
         return EXIT_OK
     headers = ["ID", "SEVERITY", "TYPE", "SESSION", "COUNT", "OPENED", "UPDATED"]
     if args.all:
@@ -903,6 +923,13 @@ async def _deadletters(args: argparse.Namespace, settings: Settings, endpoints: 
     return EXIT_OK
 
 
+def replay_msg_id(dead_letter_id: int, replay: int) -> str:
+    """The Nats-Msg-Id of replay number `replay` of a dead letter: the same for every
+    attempt at one replay (JetStream drops a retry that finds the first one stored),
+    distinct from the original message's and from other replays'."""
+    return f"deadletter-{dead_letter_id}-replay-{replay}"
+
+
 async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpoints) -> int:
     ids = list(dict.fromkeys(args.ids))
     async with _database(endpoints) as conn:
@@ -912,7 +939,21 @@ async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpo
             async with _nats(endpoints, settings.nats_auth) as nc:
                 js = nc.jetstream()
                 for letter in letters.values():
-                    msg_id = str(uuid4())
+                    # Recorded first: a publish that fails, or a confirmation that does,
+                    # leaves the replay begun, and retrying it reuses its Nats-Msg-Id.
+                    try:
+                        replay = await db.begin_dead_letter_replay(conn, letter.id)
+                    except asyncpg.InsufficientPrivilegeError as err:
+                        raise CommandFailed(
+                            EXIT_FAILURE,
+                            f"cannot record the replay of dead letter {letter.id} ({err}), so "
+                            "nothing was published: apply sql/grants.sql (`hub-worker migrate` "
+                            "with HUB_DATABASE_RUNTIME_ROLE)",
+                        ) from None
+                    if replay is None:
+                        missing.append(letter.id)
+                        continue
+                    msg_id = replay_msg_id(letter.id, replay)
                     headers = publishable_headers(letter.headers, msg_id)
                     headers["Hub-Replay-Of"] = str(letter.id)
                     try:
@@ -931,13 +972,24 @@ async def _replay(args: argparse.Namespace, settings: Settings, endpoints: Endpo
                     except (TimeoutError, nats.errors.Error) as err:
                         raise CommandFailed(
                             EXIT_FAILURE,
-                            f"replaying dead letter {letter.id} failed ({_describe(err)})",
+                            f"replaying dead letter {letter.id} failed ({_describe(err)}); "
+                            "running the same replay again is safe",
                         ) from None
-                    marked = await db.mark_dead_letter_replayed(conn, letter.id)
-                    count = marked[1] if marked else letter.replay_count + 1
+                    try:
+                        await db.mark_dead_letter_replayed(conn, letter.id, replay)
+                    except asyncpg.InsufficientPrivilegeError as err:
+                        raise CommandFailed(
+                            EXIT_FAILURE,
+                            f"dead letter {letter.id} was republished but the replay could "
+                            f"not be confirmed ({err}): apply sql/grants.sql (`hub-worker "
+                            "migrate` with HUB_DATABASE_RUNTIME_ROLE); running the same "
+                            "replay again is safe",
+                        ) from None
+                    again = " (already in the stream: a retried replay)" if ack.duplicate else ""
                     print(
                         f"replayed dead letter {letter.id} ({letter.reason}) to {letter.subject} "
-                        f"as {ack.stream} #{ack.seq}, Nats-Msg-Id {msg_id}, replay {count}",
+                        f"as {ack.stream} #{ack.seq}, Nats-Msg-Id {msg_id}, replay {replay}"
+                        f"{again}",
                         flush=True,
                     )
     for i in missing:

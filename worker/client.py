@@ -3,31 +3,46 @@
 `Spoke` publishes a spoke's session events (contract section 3), validated by
 the same models the worker uses, with the `eventId` as `Nats-Msg-Id`, and waits
 for JetStream's ack. `subscribe` follows the detection (and, on request,
-mapping) events the worker publishes (section 5) through a JetStream pull
-consumer on `PU_OUT`, as typed models.
+mapping and dead-letter) events the worker publishes (section 5) through a
+JetStream pull consumer on `HUB_OUT`, as typed models, acking each one only
+once it was handled.
 
 Publishing::
 
-    async with await Spoke.connect("nats://127.0.0.1:4222", "laptop") as spoke:
-        await spoke.session_spawned("sess-42", parent_session_id="coord-1", task="refactor")
-        await spoke.signal("sess-42", "high_error_count", "high", details={"errors": 42})
-        await spoke.session_completed("sess-42", reason="done")
+    async def main() -> None:
+        async with await Spoke.connect("nats://127.0.0.1:4222", "laptop") as spoke:
+            await spoke.session_spawned("sess-42", parent_session_id="coord-1", task="refactor")
+            await spoke.signal("sess-42", "high_error_count", "high", details={"errors": 42})
+            await spoke.session_completed("sess-42", reason="done")
 
-Following high-severity alerts, catching up after being offline::
+Following high-severity alerts, catching up after being offline; an alert is
+acked when `page` returns, and delivered again when it raises::
 
-    async with subscribe(nc, durable="pager", severities=["high"]) as alerts:
-        async for event in alerts:
-            print(event.type, event.detection.anomaly_type, event.detection.session_id)
+    async def page(event: AlertEvent) -> None:
+        print(event.type, event.detection.anomaly_type, event.detection.session_id)
+
+    async def main() -> None:
+        nc = await nats.connect("nats://127.0.0.1:4222", max_reconnect_attempts=-1)
+        async with subscribe(nc, durable="pager", severities=["high"]) as alerts:
+            await alerts.handle(page)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Annotated, Any, Literal, Self, TypeVar
@@ -46,6 +61,7 @@ from worker.config import stream_token
 from worker.constants import MAX_EVENT_BYTES
 from worker.domain import Lifecycle, Severity
 from worker.events import (
+    DeadLetterEvent,
     DetectionEscalatedEvent,
     DetectionEvent,
     EndedEvent,
@@ -57,6 +73,7 @@ from worker.events import (
 
 __all__ = [
     "AlertEvent",
+    "AlertHandler",
     "Alerts",
     "Spoke",
     "alert_filters",
@@ -77,6 +94,11 @@ FETCH_WAIT_SECONDS = 5.0
 # An ephemeral alerts consumer left behind by a client that died is removed
 # by the server after this long, seconds.
 EPHEMERAL_INACTIVE_SECONDS = 60.0
+# A follower whose pulls fail (NATS away, the consumer gone) retries after a
+# doubling pause up to this long, seconds, and binds afresh (recreating a
+# consumer that vanished) after this many failures in a row.
+FOLLOW_RETRY_MAX_SECONDS = 5.0
+REPAIR_AFTER = 3
 
 # Headers JetStream acts on at publish time: never copied onto a republished message.
 _JETSTREAM_PUBLISH_HEADERS = ("nats-expected-", "nats-rollup", "nats-ttl", "nats-msg-id")
@@ -85,7 +107,7 @@ _E = TypeVar("_E", bound=LifecycleEvent | SpawnedEvent | EndedEvent | SignalEven
 
 
 def out_stream(prefix: str) -> str:
-    """The outbound stream of a hub: `PU_OUT`."""
+    """The outbound stream of a hub: `HUB_OUT` for the prefix `hub`."""
     return f"{stream_token(prefix)}_OUT"
 
 
@@ -402,8 +424,9 @@ class Spoke:
 
 # --- following alerts -------------------------------------------------------------
 
-AlertEvent = DetectionEvent | DetectionEscalatedEvent | MappingEvent
+AlertEvent = DetectionEvent | DetectionEscalatedEvent | MappingEvent | DeadLetterEvent
 _ALERT: TypeAdapter[AlertEvent] = TypeAdapter(Annotated[AlertEvent, Field(discriminator="type")])
+AlertHandler = Callable[[AlertEvent], Awaitable[object] | object]
 
 
 def alert_filters(
@@ -412,9 +435,11 @@ def alert_filters(
     kinds: Iterable[str] = (),
     sessions: Iterable[str] = (),
     include_mappings: bool = False,
+    include_deadletters: bool = False,
 ) -> list[str]:
     """The consumer's filter subjects: `P.detection.*.{severity}.{kind}` for every pair
-    (a wildcard where none is given), plus `P.mapping.*.{session}` (or `P.mapping.>`)."""
+    (a wildcard where none is given), plus `P.mapping.*.{session}` (or `P.mapping.>`),
+    plus `P.deadletter.>`."""
     sevs = sorted(set(severities))
     for severity in sevs:
         if severity not in _SEVERITIES:
@@ -436,17 +461,21 @@ def alert_filters(
         ]
     if include_mappings:
         filters += [f"{prefix}.mapping.*.{s}" for s in ids] or [f"{prefix}.mapping.>"]
+    if include_deadletters:
+        filters.append(f"{prefix}.deadletter.>")
     return filters
 
 
-def _session_of(event: AlertEvent) -> str:
-    return (
-        event.mapping.session_id if isinstance(event, MappingEvent) else event.detection.session_id
-    )
+def _session_of(event: AlertEvent) -> str | None:
+    if isinstance(event, MappingEvent):
+        return event.mapping.session_id
+    if isinstance(event, DeadLetterEvent):
+        return None  # a dead letter may not even have a readable session
+    return event.detection.session_id
 
 
 class Alerts:
-    """Detection (and mapping) events from `PU_OUT`, as typed models; see `subscribe`."""
+    """Detection (mapping, dead-letter) events from the hub's `HUB_OUT`; see `subscribe`."""
 
     def __init__(
         self,
@@ -458,6 +487,7 @@ class Alerts:
         kinds: Iterable[str] = (),
         sessions: Iterable[str] = (),
         include_mappings: bool = False,
+        include_deadletters: bool = False,
         since: datetime | Literal["all"] | None = None,
     ) -> None:
         if durable is not None and not _ID_RE.fullmatch(durable):
@@ -467,13 +497,23 @@ class Alerts:
         self.stream = out_stream(prefix)
         self.durable = durable
         self.sessions = frozenset(sessions)
-        self.filters = alert_filters(prefix, severities, kinds, self.sessions, include_mappings)
+        self.filters = alert_filters(
+            prefix, severities, kinds, self.sessions, include_mappings, include_deadletters
+        )
         if isinstance(since, datetime) and since.tzinfo is None:
             raise ValueError("since must be a timezone-aware datetime")
         self.since = since
         self._consumer: str | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._events: AsyncGenerator[AlertEvent, None] | None = None
+        # Fetched and not handed out yet; the one handed out and not acked yet.
+        self._fetched: list[Msg] = []
+        self._in_hand: Msg | None = None
+        # The stream sequence after the last alert handed out: where a consumer
+        # that vanished (deleted, or lost with a NATS server's store) is recreated.
+        self._resume_at: int | None = None
+        self._entered = False
+        self._closing = False
         self._closed = False
 
     def __aiter__(self) -> AsyncIterator[AlertEvent]:
@@ -484,6 +524,7 @@ class Alerts:
     async def __aenter__(self) -> Self:
         """Create the consumer now: whatever is published after this is seen."""
         await self._open()
+        self._entered = True
         return self
 
     async def __aexit__(
@@ -492,15 +533,47 @@ class Alerts:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        # Left normally (`break` included): the event in hand was handled. Left by an
+        # exception: it was not, and goes back to the consumer.
+        await self.close(ack_in_hand=exc is None)
 
-    async def close(self) -> None:
-        """Stop: ack the event in hand, hand back the ones fetched but not yielded,
-        and delete an ephemeral consumer (a durable one keeps its place)."""
+    async def close(self, ack_in_hand: bool = True) -> None:
+        """Stop: ack the event in hand (or hand it back with `ack_in_hand=False`),
+        hand back the ones fetched but not yielded, and delete an ephemeral consumer
+        (a durable one keeps its place)."""
+        self._closing = True
         if self._events is not None:
             await self._events.aclose()
-        await self._release()
-        self._closed = True
+        await self._finish(ack_in_hand)
+
+    async def handle(self, handler: AlertHandler) -> None:
+        """Call `handler(event)` for every alert, in stream order, until cancelled.
+
+        An alert is acked when its handler returns (an `async def` is awaited). When
+        the handler raises, the alert is handed back unacked and `handle` raises
+        what it raised: a durable consumer delivers that alert again, to the next
+        `handle` or the next process that follows under the same name::
+
+            async def page(event: AlertEvent) -> None:
+                await pager.send(event)   # raises: the alert is delivered again
+
+            async with subscribe(nc, durable="pager", severities=["high"]) as alerts:
+                await alerts.handle(page)
+        """
+        try:
+            while True:
+                msg, event = await self._next()
+                try:
+                    result = handler(event)
+                    if inspect.isawaitable(result):
+                        await result
+                except BaseException:
+                    await _quietly(msg.nak())
+                    raise
+                await _quietly(msg.ack())
+        finally:
+            if not self._entered:
+                await self.close(ack_in_hand=False)
 
     def _config(self) -> ConsumerConfig:
         if self.since == "all":
@@ -543,8 +616,26 @@ class Alerts:
         if self.durable is None and consumer is not None:
             await _quietly(self.js.delete_consumer(self.stream, consumer))
 
+    async def _finish(self, ack_in_hand: bool) -> None:
+        # Best effort: with the connection gone the server redelivers after its ack wait.
+        in_hand, self._in_hand = self._in_hand, None
+        if in_hand is not None:
+            await _quietly(in_hand.ack() if ack_in_hand else in_hand.nak())
+        fetched, self._fetched = self._fetched, []
+        for msg in fetched:
+            await _quietly(msg.nak())
+        await self._release()
+        self._closed = True
+
     async def _ensure_consumer(self) -> str:
         config = self._config()
+        if self._resume_at is not None:
+            # Recreating a consumer that vanished: from just after the last alert seen.
+            config = config.evolve(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self._resume_at,
+                opt_start_time=None,
+            )
         if self.durable is None:
             # Named before it exists, so that `_release` deletes it even if we are
             # cancelled while the server creates it.
@@ -577,37 +668,74 @@ class Alerts:
             )
         return self.durable
 
+    async def _repair(self) -> None:
+        """Bind afresh, recreating the consumer if it is gone."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await _quietly(sub.unsubscribe())
+        self._fetched = []  # their acks would not reach a consumer recreated anew
+        await self._open()
+
+    async def _fetch(self) -> list[Msg]:
+        """The next fetched messages, waiting through whatever a pull may meet: an
+        empty or status-only answer (a stale `408` from an earlier pull), a timeout,
+        a reconnect, a consumer that vanished. Raises only when the connection is
+        closed for good (or the caller is cancelled)."""
+        failures = 0
+        while True:
+            try:
+                sub = self._sub if self._sub is not None else await self._open()
+                fetched = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
+            except TimeoutError:  # nats-py raises both its own and the builtin one
+                continue
+            except nats.errors.ConnectionClosedError:
+                raise
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as err:
+                if self.js._nc.is_closed:
+                    raise
+                failures += 1
+                await asyncio.sleep(min(FOLLOW_RETRY_MAX_SECONDS, 0.2 * 2**failures))
+                if isinstance(err, nats.js.errors.NotFoundError) or failures >= REPAIR_AFTER:
+                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, OSError):
+                        await self._repair()
+                continue
+            if fetched:
+                return fetched
+
+    async def _next(self) -> tuple[Msg, AlertEvent]:
+        """The next alert this subscriber wants, with its message (to ack or nak)."""
+        while True:
+            if not self._fetched:
+                self._fetched = await self._fetch()
+            msg = self._fetched.pop(0)
+            try:
+                event = _ALERT.validate_json(msg.data)
+            except ValidationError:
+                await _quietly(msg.ack())  # not an alert (another writer's message): skip it
+                continue
+            with contextlib.suppress(ValueError, AttributeError, nats.errors.Error):
+                self._resume_at = msg.metadata.sequence.stream + 1
+            session = _session_of(event)
+            if self.sessions and session is not None and session not in self.sessions:
+                await _quietly(msg.ack())
+                continue
+            return msg, event
+
     async def _follow(self) -> AsyncGenerator[AlertEvent, None]:
-        sub = await self._open()
-        fetched: list[Msg] = []
-        in_hand: Msg | None = None
         try:
             while True:
-                if not fetched:
-                    try:
-                        fetched = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
-                    except TimeoutError:  # nats-py raises both its own and the builtin one
-                        continue
-                msg = fetched.pop(0)
-                try:
-                    event = _ALERT.validate_json(msg.data)
-                except ValidationError:
-                    await msg.ack()  # not an alert (another writer's message): skip it
-                    continue
-                if self.sessions and _session_of(event) not in self.sessions:
-                    await msg.ack()
-                    continue
-                in_hand = msg
+                msg, event = await self._next()
+                self._in_hand = msg
                 yield event
-                in_hand = None
-                await msg.ack()
+                # Asked for the next one: this one was handled.
+                self._in_hand = None
+                await _quietly(msg.ack())
         finally:
-            # Best effort: with the connection gone the server redelivers after its ack wait.
-            if in_hand is not None:
-                await _quietly(in_hand.ack())
-            for msg in fetched:
-                await _quietly(msg.nak())
-            await self._release()
+            if not self._closing:
+                # The loop was left without `close()` (a plain `async for` ended by
+                # `break` or an error, or the generator collected): the event in
+                # hand may not have been handled, so it goes back to the consumer.
+                await self._finish(ack_in_hand=False)
 
 
 async def _quietly(action: Awaitable[object]) -> None:
@@ -624,29 +752,45 @@ def subscribe(
     kinds: Iterable[str] = (),
     sessions: Iterable[str] = (),
     include_mappings: bool = False,
+    include_deadletters: bool = False,
     since: datetime | Literal["all"] | None = None,
 ) -> Alerts:
-    """Follow the hub's detection events (and mapping events with `include_mappings`).
+    """Follow the hub's detection events (and mapping events with `include_mappings`,
+    dead-letter announcements with `include_deadletters`).
 
-    A pull consumer on `PU_OUT` filtered by `severities` (high/medium/low) and
-    `kinds` (`model_degradation`, case folded); `sessions` are filtered here,
-    after fetching. Yields `DetectionEvent`, `DetectionEscalatedEvent` or
-    `MappingEvent` in stream order.
+    A pull consumer on `HUB_OUT` (`{PREFIX}_OUT`) filtered by `severities`
+    (high/medium/low) and `kinds` (`model_degradation`, case folded); `sessions`
+    are filtered here, after fetching. Delivers `DetectionEvent`,
+    `DetectionEscalatedEvent`, `MappingEvent` or `DeadLetterEvent` in stream order.
 
     - `durable="name"`: the consumer outlives the subscriber, so one that was
       offline catches up where it stopped. `since` only matters when it is
       created; changed filters apply from just after the last event it acked.
+      Two subscribers under one durable name share (split) its events: give
+      each follower its own name.
     - `durable=None`: an ephemeral consumer, deleted when the subscriber closes.
     - `since`: `None` delivers what is published from now on, `"all"` the whole
       stream, a datetime what was published from then on.
 
-    An event is acked when the loop asks for the next one or is left (`break`
-    included): it was delivered. Cancelling the wait for the next event (a
-    timeout around it) ends the iteration, as with any async generator.
+    The follower waits through empty pulls, timeouts and NATS reconnects (give
+    the connection `max_reconnect_attempts=-1`); it ends only when the
+    connection is closed or it is cancelled.
+
+    Two ways to take the events, both acking an event only once it was handled:
+
+    - `await alerts.handle(handler)`: the handler is called for each event and
+      the event acked when it returns; one that raises leaves it unacked (see
+      `Alerts.handle`).
+    - `async for event in alerts` inside `async with`: an event is acked when the
+      loop asks for the next one, or when `async with` is left normally (`break`
+      included). Left by an exception, the event in hand is handed back, so a
+      durable consumer delivers it again. (A plain `async for` without `async with`
+      hands the event in hand back whenever the loop is left.)
+
     Entering `async with` creates the consumer at once (so nothing published
     afterwards is missed) and leaving it closes everything::
 
-        async with subscribe(nc, "hub", durable="pager", severities=["high"]) as alerts:
+        async with subscribe(nc, "hub", durable="escalations", severities=["high"]) as alerts:
             async for event in alerts:
                 if isinstance(event, DetectionEscalatedEvent):
                     print("worse:", event.previous_severity, "->", event.detection.severity)
@@ -659,5 +803,6 @@ def subscribe(
         kinds=kinds,
         sessions=sessions,
         include_mappings=include_mappings,
+        include_deadletters=include_deadletters,
         since=since,
     )

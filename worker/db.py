@@ -163,6 +163,7 @@ class Queries:
     list_detections: str
     list_dead_letters: str
     dead_letters_by_id: str
+    begin_dead_letter_replay: str
     mark_dead_letter_replayed: str
     # status.sql
     lock_holders: str
@@ -656,11 +657,19 @@ async def dead_letters_by_id(conn: Connection, ids: list[int]) -> list[DeadLette
     return [_dead_letter_row(r) for r in rows]
 
 
+async def begin_dead_letter_replay(conn: Connection, dead_letter_id: int) -> int | None:
+    """Record a replay about to be published: its number (that of an unconfirmed earlier
+    attempt, retried), or None when the letter is gone."""
+    count = await conn.fetchval(queries().begin_dead_letter_replay, dead_letter_id)
+    return None if count is None else int(count)
+
+
 async def mark_dead_letter_replayed(
-    conn: Connection, dead_letter_id: int
+    conn: Connection, dead_letter_id: int, replay: int
 ) -> tuple[datetime, int] | None:
-    """Record a replay: (replayed_at, replay_count), or None when the letter is gone."""
-    row = await conn.fetchrow(queries().mark_dead_letter_replayed, dead_letter_id)
+    """Confirm replay number `replay` was stored by JetStream: (replayed_at, replay_count),
+    or None when the letter is gone or a later replay has begun meanwhile."""
+    row = await conn.fetchrow(queries().mark_dead_letter_replayed, dead_letter_id, replay)
     return None if row is None else (row["replayed_at"], int(row["replay_count"]))
 
 

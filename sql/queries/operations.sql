@@ -31,9 +31,24 @@ FROM dead_letters
 WHERE id = ANY($1::bigint[])
 ORDER BY id;
 
--- name: mark_dead_letter_replayed
--- Called once JetStream acknowledged the republished message.
+-- name: begin_dead_letter_replay
+-- Recorded before publishing: the replay's number, which names its Nats-Msg-Id. A
+-- replay begun and never confirmed (replayed_at NULL, replay_count > 0: the publish
+-- or its confirmation failed) is retried under the same number, so the stream's
+-- duplicate window drops it if the earlier attempt did land. The row lock
+-- serialises two operators replaying one letter at once.
 UPDATE dead_letters
-SET replayed_at = now(), replay_count = replay_count + 1
+SET replay_count = CASE
+        WHEN replayed_at IS NULL AND replay_count > 0 THEN replay_count
+        ELSE replay_count + 1
+    END,
+    replayed_at = NULL
 WHERE id = $1
+RETURNING replay_count;
+
+-- name: mark_dead_letter_replayed
+-- Called once JetStream acknowledged replay number $2 of the letter.
+UPDATE dead_letters
+SET replayed_at = now()
+WHERE id = $1 AND replay_count = $2
 RETURNING replayed_at, replay_count;

@@ -118,7 +118,8 @@ def test_replay_help_says_replaying_is_safe(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         parser().parse_args(["deadletters", "replay", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "new Nats-Msg-Id" in text
+    assert "Nats-Msg-Id deadletter-ID-replay-N" in text
+    assert "does not publish it twice" in text
     assert "recognises an eventId it already applied" in text
 
 
@@ -533,8 +534,8 @@ async def test_detections_lists_active_and_recent(hub: Hub) -> None:
     assert len((await cli(hub, "detections", "--limit", "1", "--json")).json) == 1
 
     none = await cli(hub, "detections", "--session", "s2")
-    assert (none.code, none.out) == (0, "")
-    assert none.err == "no active detections for session s2\n"
+    assert (none.code, none.err) == (0, "")
+    assert none.out == "no active detections for session s2\n"
 
     resolved = await cli(hub, "detections", "--all", "--session", "s2")
     header, row = resolved.lines()

@@ -30,6 +30,8 @@ DUPLICATE_SHARE = 0.05
 @pytest.fixture
 def scratch() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="hub-worker-chaos-"))
+    # Enterable by the embedded PostgreSQL's system user (as root), so its data stays here.
+    path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -55,6 +55,8 @@ def samples(metrics_text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="hub-worker-ops-"))
+    # Enterable by the embedded PostgreSQL's system user (as root), so its data stays here.
+    path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def scratch() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="hub-worker-outage-"))
+    # Enterable by the embedded PostgreSQL's system user (as root), so its data stays here.
+    path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
