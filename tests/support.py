@@ -35,6 +35,7 @@ SETTLE_TIMEOUT_SECONDS = 30.0
 READY = {
     "nats": "ok",
     "consumer": "ok",
+    "lanes": "ok",
     "postgres": "ok",
     "relay": "ok",
     "out_stream": "ok",

@@ -50,6 +50,7 @@ environment (README.md has the full table, credentials and TLS included):
   HUB_SUBJECT_PREFIX          first token of every subject, and of the streams (hub)
   HUB_HTTP_ADDR               /metrics, /healthz, /readyz; empty disables (127.0.0.1:9464)
   HUB_LOG_FORMAT              json or console (console on a terminal)
+  HUB_LOG_LEVEL               debug, info, warning or error (info)
   HUB_PARTITIONS              ordered lanes of a new inbound stream (8)
   HUB_STREAM_REPLICAS         replicas of the streams the worker creates (1)
   HUB_STREAM_MAX_AGE_SECONDS  how long the streams and the ledger keep events (604800)
