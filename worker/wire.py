@@ -15,6 +15,12 @@ replaced here, each keeping its behaviour for well-formed messages:
   that are not ASCII; here both keep their bytes through `surrogateescape`.
   `_process_headers` decodes an inline status line strictly; a line that is not
   UTF-8 is read as ordinary header lines instead of raising.
+- nats-py's protocol parser splits a `MSG`/`HMSG` line on `\\s`, which takes
+  a vertical tab or form feed inside a subject token for a separator; the
+  line then never parses and the reader waits for good. The protocol
+  separates fields with space or tab only (as the server's parser does):
+  `_PROTOCOL_LINES` replace the two expressions, for every nats-py client in
+  the process (they are module globals of `nats.protocol.parser`).
 - A message a consumer delivers from a stream (its reply is a `$JS.ACK.`
   subject) never carries a status of the server, but a publisher may have put a
   `Status` header on it (`Status: 404`, or an inline `NATS/1.0 408` line). nats-py
@@ -26,9 +32,11 @@ replaced here, each keeping its behaviour for well-formed messages:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import nats.protocol.parser
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import Header
@@ -37,6 +45,22 @@ from nats.js.api import Header
 _STREAM_DELIVERY = b"$JS.ACK."
 _NATS_HEADER_LINE = b"NATS/1.0"
 _CRLF = b"\r\n"
+
+# `MSG <subject> <sid> [reply-to] <#bytes>` and `HMSG ... <#header bytes> <#bytes>`,
+# fields separated by spaces or tabs only, as the NATS protocol has them.
+_FIELD = rb"([^ \t\r\n]+)"
+_GAP = rb"[ \t]+"
+_PROTOCOL_LINES = {
+    "MSG_RE": re.compile(
+        rb"\AMSG" + _GAP + _FIELD + _GAP + _FIELD + _GAP + rb"(" + _FIELD + _GAP + rb")?(\d+)\r\n"
+    ),
+    "HMSG_RE": re.compile(
+        rb"\AHMSG" + _GAP + _FIELD + _GAP + _FIELD + _GAP + rb"(" + _FIELD + _GAP + rb")?"
+        rb"(\d+)" + _GAP + rb"(\d+)\r\n"
+    ),
+}
+for _name, _expression in _PROTOCOL_LINES.items():
+    setattr(nats.protocol.parser, _name, _expression)
 
 
 def raw(text: str) -> bytes:
