@@ -10,9 +10,10 @@ import structlog
 from nats.js.api import ConsumerInfo
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus, Lane, Stopped, age_seconds, lanes
+from worker.bus import Bus, age_seconds
 from worker.commands import ResolveCommand
 from worker.config import Settings
+from worker.connection import NATS_ERRORS, Stopped
 from worker.constants import (
     COMMAND_POOL_SIZE,
     CONSUMER_STALE_SECONDS,
@@ -31,6 +32,7 @@ from worker.leadership import Duty, close_quietly, lead, pause
 from worker.locks import MAINTENANCE_LEADER, RELAY_LEADER, SWEEP_LEADER, namespace
 from worker.maintenance import LedgerJanitor
 from worker.metrics import Metrics
+from worker.partitions import Lane, lanes
 from worker.probes import Checks, ProbeServer
 from worker.progress import CatchUp
 from worker.relay import OutboxRelay

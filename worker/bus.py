@@ -1,13 +1,14 @@
-"""The one module that talks to NATS: streams, consumers, fetching and publishing."""
+"""The worker's JetStream side: its streams, the lanes' consumers, publishing windows.
+
+Connecting (credentials, TLS, waiting for the server) is `worker.connection`; the
+lanes themselves are `worker.partitions`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import ssl
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,121 +30,25 @@ from nats.js.api import (
     SubjectTransform,
 )
 
-from worker.config import NatsAuth, Settings
+from worker.config import Settings
+from worker.connection import NATS_ERRORS, ConnectionUnusable, ConnectionWatch, connect
 from worker.constants import (
     ACK_WAIT_SECONDS,
     DUPLICATE_WINDOW_SECONDS,
     MAX_ACK_PENDING,
     PUBLISH_ACK_TIMEOUT_SECONDS,
-    RECONNECT_BASE_SECONDS,
-    RECONNECT_MAX_SECONDS,
 )
-from worker.domain import retry_delay
+from worker.partitions import Lane
 from worker.subjects import (
     inbound_capture,
     outbound_captures,
-    partition_filter,
     partition_transform,
     partitions_of,
 )
-from worker.wire import WireClient
 
 log = structlog.get_logger("worker.bus")
 
 PullSubscription = JetStreamContext.PullSubscription
-
-
-# While a first connection to NATS is still being tried, a log line this often, seconds.
-CONNECT_NOTICE_SECONDS = 5.0
-
-
-def connect_options(auth: NatsAuth) -> dict[str, Any]:
-    """`nats.connect` keyword arguments for the configured credentials and TLS.
-
-    Credentials in a URL (`nats://user:pass@host`, `nats://token@host`) still
-    work: nats-py reads them from there when none are given here.
-    """
-    options: dict[str, Any] = {"inbox_prefix": auth.inbox_prefix}
-    if auth.user is not None:
-        options |= {"user": auth.user, "password": auth.password}
-    if auth.token is not None:
-        options["token"] = auth.token
-    if auth.nkey_seed_file is not None:
-        options["nkeys_seed"] = str(auth.nkey_seed_file)
-    if auth.creds_file is not None:
-        options["user_credentials"] = str(auth.creds_file)
-    if auth.tls:
-        # Verifies the server against the given CA (else the system's) and
-        # its name against the URL's host, as a browser would.
-        context = ssl.create_default_context(
-            cafile=str(auth.tls_ca_file) if auth.tls_ca_file else None
-        )
-        if auth.tls_cert_file is not None:
-            context.load_cert_chain(
-                str(auth.tls_cert_file),
-                str(auth.tls_key_file) if auth.tls_key_file else None,
-            )
-        options["tls"] = context
-    return options
-
-
-async def _connect(**options: Any) -> NATS:
-    """`nats.connect` with the client that reads any bytes the server forwards."""
-    nc = WireClient()
-    await nc.connect(**options)
-    return nc
-
-
-class Stopped(Exception):
-    """A stop was asked for while waiting for a server to answer."""
-
-
-class ConnectionUnusable(Exception):
-    """NATS refused the worker a permission, or closed the connection for good.
-
-    Waiting does not mend either: the server's configuration must change, so the
-    worker stops with the server's reason for its supervisor to report.
-    """
-
-
-# Errors that mean "NATS is not answering right now": wait and try again.
-NATS_ERRORS: tuple[type[Exception], ...] = (
-    nats.errors.Error,
-    nats.js.errors.Error,
-    asyncio.TimeoutError,
-    ConnectionError,
-    OSError,
-)
-
-
-@dataclass(frozen=True)
-class Lane:
-    """One ordered slice of the inbound stream: a durable consumer owned by one worker at a time.
-
-    `key` is the lane's advisory lock id within the worker's lock namespace.
-    """
-
-    key: int
-    durable: str
-    filter_subject: str
-
-
-# Lane keys start here in the lock namespace; below are the leader roles.
-LANE_KEY_BASE = 100
-
-
-def lanes(prefix: str, partitions: int) -> list[Lane]:
-    """The lanes of a stream with `partitions` partitions.
-
-    Lane `hub-worker` reads what the transform did not touch (subjects that
-    match no inbound row; everything when the stream is not partitioned);
-    `hub-worker-p{n}` reads partition n.
-    """
-    unpartitioned = Lane(LANE_KEY_BASE, "hub-worker", inbound_capture(prefix))
-    return [unpartitioned] + [
-        Lane(LANE_KEY_BASE + 1 + n, f"hub-worker-p{n}", partition_filter(prefix, n))
-        for n in range(partitions)
-    ]
 
 
 def age_seconds(stored: datetime | None) -> float:
@@ -175,84 +80,9 @@ class Bus:
         name: str = "hub-worker",
         stopping: asyncio.Event | None = None,
     ) -> Bus:
-        """Connect, waiting out an unreachable server with backoff instead of failing.
-
-        Raises Stopped when `stopping` is set while it waits.
-        """
-        attempt = 0
-        while True:
-            attempt += 1
-            # Per attempt: a failed attempt's connection may report itself closed.
-            watch = ConnectionWatch()
-            connecting = asyncio.ensure_future(
-                _connect(
-                    servers=urls,
-                    name=name,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=1,
-                    connect_timeout=5,
-                    allow_reconnect=True,
-                    error_cb=watch.on_error,
-                    disconnected_cb=_log_disconnected,
-                    reconnected_cb=_log_reconnected,
-                    closed_cb=watch.on_closed,
-                    **connect_options(settings.nats_auth),
-                )
-            )
-            try:
-                # nats-py may keep trying inside connect: say so now and then,
-                # and do not make a stop wait for it.
-                stop = asyncio.ensure_future(
-                    stopping.wait() if stopping is not None else asyncio.Event().wait()
-                )
-                refused = asyncio.ensure_future(watch.refused.wait())
-                waited = 0.0
-                while not connecting.done() and not stop.done():
-                    await asyncio.wait(
-                        {connecting, stop, refused},
-                        timeout=CONNECT_NOTICE_SECONDS,
-                        return_when="FIRST_COMPLETED",
-                    )
-                    if refused.done() and not connecting.done():
-                        stop.cancel()
-                        connecting.cancel()
-                        raise ConnectionUnusable(watch.reason)
-                    waited += CONNECT_NOTICE_SECONDS
-                    if not connecting.done() and not stop.done():
-                        # A server that refuses our credentials or our client
-                        # certificate is not unreachable: say which, so the operator
-                        # looks at those.
-                        last = watch.last_error
-                        denied = last is not None and any(
-                            word in last.lower() for word in ("authorization", "certificate")
-                        )
-                        log.warning(
-                            "nats.refused" if denied else "nats.unreachable",
-                            action="nats.connect",
-                            waited_seconds=waited,
-                            last_error=last,
-                        )
-                stop.cancel()
-                refused.cancel()
-                if not connecting.done():
-                    connecting.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
-                        await connecting
-                    raise Stopped
-                nc = await connecting
-                return cls(nc, settings, watch)
-            except NATS_ERRORS as err:
-                delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
-                log.warning(
-                    "nats.unreachable", action="nats.connect", error=str(err), retry_in=delay
-                )
-                if stopping is not None:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stopping.wait(), timeout=delay)
-                    if stopping.is_set():
-                        raise Stopped from err
-                else:
-                    await asyncio.sleep(delay)
+        """Connect, waiting out an unreachable server (see `worker.connection.connect`)."""
+        nc, watch = await connect(settings.nats_auth, urls, name, stopping)
+        return cls(nc, settings, watch)
 
     async def ensure_streams(self) -> int:
         """Create PU_EVENTS and PU_OUT when missing; returns the inbound partition count.
@@ -456,15 +286,6 @@ class Bus:
     async def pull(self, lane: Lane) -> PullSubscription:
         return await self.js.pull_subscribe_bind(lane.durable, self.settings.events_stream)
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
-        """Publish to JetStream and wait for the stream's ack (deduplicated by msg_id)."""
-        await self.js.publish(
-            subject,
-            payload,
-            timeout=PUBLISH_ACK_TIMEOUT_SECONDS,
-            headers={"Nats-Msg-Id": msg_id},
-        )
-
     async def out_stream_subjects(self) -> list[str] | None:
         """What PU_OUT captures, or None when the stream does not exist."""
         try:
@@ -586,53 +407,3 @@ def api_error(error: Any) -> nats.js.errors.APIError:
     except (KeyError, TypeError):  # not the shape nats-py expects
         pass
     return nats.js.errors.APIError(description=str(error))
-
-
-class ConnectionWatch:
-    """Logs what nats-py reports about a connection and notices what makes it unusable.
-
-    A refused permission does not close the connection (nats-py reports it to
-    error_cb), but what needed it (a subscription, the replies to requests)
-    never works, and retrying would hide the cause behind timeouts. A server
-    certificate that fails verification leaves nats-py's connect hanging (its
-    close after the failed handshake never finishes). Both are configuration,
-    not weather: `refused` is set, and the worker stops with the reason.
-    """
-
-    def __init__(self) -> None:
-        self.unusable = asyncio.Event()
-        self.refused = asyncio.Event()
-        self.reason: str | None = None
-        self.last_error: str | None = None
-
-    async def on_error(self, err: Exception) -> None:
-        message = str(err) or type(err).__name__
-        self.last_error = message
-        if "permissions violation" in message.lower():
-            log.error("nats.permission_denied", action="nats.error", error=message)
-            self._refuse(f"NATS refused a permission: {message}")
-        elif isinstance(err, ssl.SSLCertVerificationError):
-            log.error("nats.tls_refused", action="nats.error", error=message)
-            self._refuse(f"TLS: the NATS server's certificate was not accepted: {message}")
-        else:
-            log.warning("nats.error", action="nats.error", error=message)
-
-    async def on_closed(self) -> None:
-        self._set("NATS closed the connection")
-
-    def _refuse(self, reason: str) -> None:
-        self._set(reason)
-        self.refused.set()
-
-    def _set(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        self.unusable.set()
-
-
-async def _log_disconnected() -> None:
-    log.warning("nats.disconnected", action="nats.disconnected")
-
-
-async def _log_reconnected() -> None:
-    log.info("nats.reconnected", action="nats.reconnected")

@@ -42,9 +42,9 @@ from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
 from worker import db, status
-from worker.bus import connect_options
 from worker.client import AlertEvent, Spoke, publishable_headers, subscribe
 from worker.config import ConfigError, NatsAuth, Settings
+from worker.connection import connect_options
 from worker.domain import LIFECYCLES, DeadLetterReason
 from worker.events import (
     DeadLetterEvent,

@@ -16,7 +16,8 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from worker import db, outbound
-from worker.bus import NATS_ERRORS, Bus
+from worker.bus import Bus
+from worker.connection import NATS_ERRORS
 from worker.events import CommandError, ResolveReply, ResolveRequest
 from worker.subjects import resolve_command_subject
 

@@ -33,7 +33,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from worker import db, outbound
-from worker.bus import NATS_ERRORS
+from worker.connection import NATS_ERRORS
 from worker.constants import (
     DEAD_LETTER_ANNOUNCED_SHARE,
     HANDLER_ATTEMPTS,

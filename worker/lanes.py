@@ -38,7 +38,8 @@ import structlog
 from nats.aio.msg import Msg
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus, Lane, PullSubscription
+from worker.bus import Bus, PullSubscription
+from worker.connection import NATS_ERRORS
 from worker.constants import (
     FETCH_MORE_SECONDS,
     FETCH_WAIT_SECONDS,
@@ -55,6 +56,7 @@ from worker.handler import LaneLost, MessageHandler
 from worker.leadership import close_quietly, pause
 from worker.locks import MEMBER_KEY_BASE
 from worker.metrics import Metrics
+from worker.partitions import Lane
 
 log = structlog.get_logger("worker.lanes")
 

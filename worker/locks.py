@@ -13,7 +13,8 @@ import zlib
 RELAY_LEADER = 1
 SWEEP_LEADER = 2
 MAINTENANCE_LEADER = 3
-# LANE_KEY_BASE (100) and up: one per lane, see worker.bus.lanes.
+# Lane keys start here; below are the leader roles (worker.partitions.lanes).
+LANE_KEY_BASE = 100
 MEMBER_KEY_BASE = 1000
 
 

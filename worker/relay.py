@@ -31,7 +31,8 @@ import nats.js.errors
 import structlog
 
 from worker import db
-from worker.bus import NATS_ERRORS, Bus
+from worker.bus import Bus
+from worker.connection import NATS_ERRORS
 from worker.constants import RECONNECT_MAX_SECONDS, RELAY_BATCH, RELAY_POLL_SECONDS, RELAY_WINDOW
 from worker.leadership import pause
 from worker.metrics import Metrics

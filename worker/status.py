@@ -23,7 +23,6 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
 from worker import db
-from worker.bus import Lane, lanes
 from worker.config import Settings
 from worker.locks import (
     MAINTENANCE_LEADER,
@@ -32,6 +31,7 @@ from worker.locks import (
     SWEEP_LEADER,
     namespace,
 )
+from worker.partitions import Lane, lanes
 from worker.subjects import partitions_of
 
 # Dead letters are counted over this window, seconds.

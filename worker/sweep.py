@@ -8,11 +8,13 @@ from uuid import uuid4
 import structlog
 
 from worker import db, outbound
-from worker.bus import NATS_ERRORS, Bus, Lane
+from worker.bus import Bus
+from worker.connection import NATS_ERRORS
 from worker.constants import SWEEP_BATCH, SWEEP_TICK_MAX_SECONDS, SWEEP_TICK_MIN_SECONDS
 from worker.domain import SESSION_STALL, Severity, dedup_key
 from worker.leadership import pause
 from worker.metrics import Metrics
+from worker.partitions import Lane
 
 log = structlog.get_logger("worker.sweep")
 

@@ -35,11 +35,10 @@ from tests.integration.test_workers import (
 from tests.support import READY, Hub, WorkerProcess, wait_until
 from tests.workload import Published, expect, generate
 from worker import db
-from worker.bus import LANE_KEY_BASE
 from worker.config import Settings
 from worker.constants import LANE_OWNER_BEAT_SECONDS, LANE_OWNER_SILENT_SECONDS
 from worker.embedded import free_port
-from worker.locks import namespace
+from worker.locks import LANE_KEY_BASE, namespace
 
 pytestmark = pytest.mark.integration
 

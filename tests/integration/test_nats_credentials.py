@@ -37,8 +37,8 @@ from tests.nats_jwt import Keys, Operator, creds, user_jwt
 from tests.support import Hub, wait_until
 from worker import db
 from worker.app import Worker
-from worker.bus import ConnectionUnusable
 from worker.config import Settings
+from worker.connection import ConnectionUnusable
 from worker.embedded import EmbeddedNats
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from tests.support import Hub, wait_until
-from worker.bus import Bus, lanes
+from worker.bus import Bus
 from worker.metrics import Metrics
+from worker.partitions import lanes
 from worker.sweep import StallSweep
 
 pytestmark = pytest.mark.integration
