@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from worker import db, outbound
 from worker.bus import Bus
 from worker.connection import NATS_ERRORS
-from worker.events import CommandError, ResolveReply, ResolveRequest
+from worker.events import CommandError, ResolveReply, ResolveRequest, validation_problems
 from worker.subjects import resolve_command_subject
 
 log = structlog.get_logger("worker.commands")
@@ -121,10 +121,7 @@ def _parse(body: bytes) -> ResolveRequest:
     try:
         return ResolveRequest.model_validate_json(body)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-            for e in err.errors(include_url=False)[:5]
-        )
+        problems = validation_problems(err, 5)
         raise _refuse("invalid_request", f"invalid request: {problems}") from err
     except (ValueError, RecursionError) as err:
         raise _refuse("invalid_request", f"invalid request: {err}") from err

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import nkeys  # type: ignore[import-untyped]
 
 from worker.constants import MAX_ACK_PENDING
+from worker.subjects import events_stream, out_stream, stream_token
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _HOST_PORT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
@@ -21,11 +22,6 @@ _HOST_PORT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<po
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
-
-
-def stream_token(prefix: str) -> str:
-    """`PU`: the prefix upper-cased with everything outside [A-Z0-9] turned into `_`."""
-    return re.sub(r"[^A-Z0-9]", "_", prefix.upper())
 
 
 class ConfigError(ValueError):
@@ -92,11 +88,11 @@ class Settings:
 
     @property
     def events_stream(self) -> str:
-        return f"{self.stream_token}_EVENTS"
+        return events_stream(self.subject_prefix)
 
     @property
     def out_stream(self) -> str:
-        return f"{self.stream_token}_OUT"
+        return out_stream(self.subject_prefix)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -23,6 +23,8 @@ LIFECYCLES: tuple[Lifecycle, ...] = (
     "archived",
 )
 SEVERITY_RANK: dict[str, int] = {"low": 0, "medium": 1, "high": 2}
+# Most severe first, as listings and help texts show them.
+SEVERITIES: tuple[Severity, ...] = ("high", "medium", "low")
 SESSION_STALL = "SESSION_STALL"
 DEDUP_KEY_VERSION = "v1"
 _UNIT_SEPARATOR = "\x1f"

@@ -20,11 +20,13 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
 )
 from pydantic.alias_generators import to_camel
 
-from worker.domain import Resolution, SessionStatus, Severity
+from worker.domain import Lifecycle, Resolution, SessionStatus, Severity, ended_status
 from worker.storable import UNSTORABLE_TEXT
+from worker.subjects import ID_PATTERN
 
 _UUID_TEXT = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -78,7 +80,7 @@ _STRICT_CAMEL = ConfigDict(**_CAMEL, strict=True)
 
 EventId = Annotated[UUID, BeforeValidator(_canonical_uuid)]
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
-Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+Identifier = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 Reference = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 TaskName = Annotated[str, StringConstraints(max_length=256)]
 Reason = Annotated[str, StringConstraints(max_length=1024)]
@@ -120,6 +122,29 @@ class SignalEvent(_Inbound):
 
 
 InboundEvent = LifecycleEvent | SpawnedEvent | EndedEvent | SignalEvent
+
+
+def lifecycle_model(
+    lifecycle: Lifecycle,
+) -> type[LifecycleEvent] | type[SpawnedEvent] | type[EndedEvent]:
+    """The body of a lifecycle's subject (a signal's is `SignalEvent`)."""
+    if lifecycle == "spawned":
+        return SpawnedEvent
+    if ended_status(lifecycle) is not None:
+        return EndedEvent
+    return LifecycleEvent
+
+
+def validation_problems(err: ValidationError, most: int, *, count_rest: bool = False) -> str:
+    """`where: what; …` for the first `most` problems (`body` for the body itself), and
+    with `count_rest` how many more there were."""
+    problems = [
+        f"{'.'.join(str(part) for part in problem['loc']) or 'body'}: {problem['msg']}"
+        for problem in err.errors(include_url=False)[:most]
+    ]
+    more = err.error_count() - len(problems)
+    suffix = f" (and {more} more)" if count_rest and more > 0 else ""
+    return "; ".join(problems) + suffix
 
 
 class _Outbound(BaseModel):

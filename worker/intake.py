@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from worker.constants import MAX_EVENT_BYTES, MAX_KNOWN_VALUE_DEPTH
-from worker.domain import DeadLetterError, DeadLetterReason, ended_status
-from worker.events import EndedEvent, InboundEvent, LifecycleEvent, SignalEvent, SpawnedEvent
+from worker.domain import DeadLetterError, DeadLetterReason
+from worker.events import InboundEvent, SignalEvent, lifecycle_model, validation_problems
 from worker.storable import UNSTORABLE_TEXT
 from worker.subjects import Route, parse_inbound
 
@@ -63,7 +63,10 @@ def decode(prefix: str, subject: str, body: bytes) -> Intake:
         # read their own text forms).
         event = model.model_validate(known, strict=True)
     except ValidationError as err:
-        _reject(DeadLetterReason.INVALID_EVENT, _describe(err))
+        _reject(
+            DeadLetterReason.INVALID_EVENT,
+            "invalid event: " + validation_problems(err, 5, count_rest=True),
+        )
     except (RecursionError, ValueError) as err:
         _reject(DeadLetterReason.INVALID_EVENT, f"invalid event: {err}")
     if event.spoke_id != route.spoke_id or event.session_id != route.session_id:
@@ -76,13 +79,9 @@ def decode(prefix: str, subject: str, body: bytes) -> Intake:
 
 
 def _model_for(route: Route) -> type[InboundEvent]:
-    if route.signal_kind is not None:
+    if route.lifecycle is None:
         return SignalEvent
-    if route.lifecycle == "spawned":
-        return SpawnedEvent
-    if route.lifecycle is not None and ended_status(route.lifecycle) is not None:
-        return EndedEvent
-    return LifecycleEvent
+    return lifecycle_model(route.lifecycle)
 
 
 @cache
@@ -200,16 +199,6 @@ def _unstorable(known: dict[str, Any]) -> str | None:
         elif isinstance(value, list):
             pending.extend((v, depth + 1) for v in value)
     return None
-
-
-def _describe(err: ValidationError) -> str:
-    problems = []
-    for problem in err.errors(include_url=False)[:5]:
-        where = ".".join(str(part) for part in problem["loc"]) or "body"
-        problems.append(f"{where}: {problem['msg']}")
-    more = err.error_count() - len(problems)
-    suffix = f" (and {more} more)" if more > 0 else ""
-    return "invalid event: " + "; ".join(problems) + suffix
 
 
 def _reject(reason: DeadLetterReason, error: str) -> NoReturn:

@@ -24,6 +24,7 @@ from nats.js.api import ConsumerInfo
 
 from worker import db
 from worker.config import Settings
+from worker.domain import SEVERITIES
 from worker.locks import (
     MAINTENANCE_LEADER,
     MEMBER_KEY_BASE,
@@ -38,7 +39,6 @@ from worker.subjects import partitions_of
 DEAD_LETTER_WINDOW_SECONDS = 3600
 # The leader duties, by the name status shows, and their lock keys.
 LEADER_KEYS = {"relay": RELAY_LEADER, "sweep": SWEEP_LEADER, "janitor": MAINTENANCE_LEADER}
-SEVERITIES = ("high", "medium", "low")
 
 Table = Callable[[Sequence[str], Sequence[Sequence[str]]], str]
 

@@ -1,4 +1,5 @@
-"""Subjects in and out (contract sections 3 and 5), and the partition transform."""
+"""The names of the contract: subjects in and out (sections 3 and 5), the tokens a spoke
+chooses, the streams, and the partition transform."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from dataclasses import dataclass
 
 from worker.domain import LIFECYCLES, Lifecycle
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# A spoke id, a session id (and a durable follower's name); a signal kind.
+ID_PATTERN = r"[A-Za-z0-9_-]{1,128}"
+KIND_PATTERN = r"[a-z][a-z0-9_]{0,63}"
+_ID_RE = re.compile(ID_PATTERN)
+_KIND_RE = re.compile(KIND_PATTERN)
 # The stream stores partitioned events under this token, outside `P.spoke.>`,
 # so that the consumer of `P.spoke.>` sees only what the transform left alone.
 PARTITION_TOKEN = "part"
@@ -25,6 +29,39 @@ class Route:
     signal_kind: str | None = None
 
 
+def is_id(text: str) -> bool:
+    return _ID_RE.fullmatch(text) is not None
+
+
+def is_kind(text: str) -> bool:
+    return _KIND_RE.fullmatch(text) is not None
+
+
+def stream_token(prefix: str) -> str:
+    """`PU`: the prefix upper-cased with everything outside [A-Z0-9] turned into `_`."""
+    return re.sub(r"[^A-Z0-9]", "_", prefix.upper())
+
+
+def events_stream(prefix: str) -> str:
+    """The inbound stream of a hub: `HUB_EVENTS` for the prefix `hub`."""
+    return f"{stream_token(prefix)}_EVENTS"
+
+
+def out_stream(prefix: str) -> str:
+    """The outbound stream of a hub: `HUB_OUT` for the prefix `hub`."""
+    return f"{stream_token(prefix)}_OUT"
+
+
+def inbound_subject(prefix: str, spoke_id: str, session_id: str, event: str) -> str:
+    """Where a spoke publishes `event`: a lifecycle, or `signal_event(kind)`."""
+    return f"{prefix}.spoke.{spoke_id}.session.{session_id}.{event}"
+
+
+def signal_event(kind: str) -> str:
+    """The last tokens of a signal's inbound subject."""
+    return f"signal.{kind}"
+
+
 def parse_inbound(prefix: str, subject: str) -> Route | None:
     """The route of an inbound subject as published, or None when it matches no row."""
     head = f"{prefix}.spoke."
@@ -34,12 +71,12 @@ def parse_inbound(prefix: str, subject: str) -> Route | None:
     if len(tokens) < 4 or tokens[1] != "session":
         return None
     spoke_id, _, session_id, *rest = tokens
-    if not (_ID_RE.fullmatch(spoke_id) and _ID_RE.fullmatch(session_id)):
+    if not (is_id(spoke_id) and is_id(session_id)):
         return None
     if len(rest) == 1 and rest[0] in LIFECYCLES:
         lifecycle: Lifecycle = next(lc for lc in LIFECYCLES if lc == rest[0])
         return Route(spoke_id, session_id, lifecycle=lifecycle)
-    if len(rest) == 2 and rest[0] == "signal" and _KIND_RE.fullmatch(rest[1]):
+    if len(rest) == 2 and rest[0] == "signal" and is_kind(rest[1]):
         return Route(spoke_id, session_id, signal_kind=rest[1])
     return None
 
@@ -95,8 +132,20 @@ def deadletter_subject(prefix: str, reason: str) -> str:
     return f"{prefix}.deadletter.{reason}"
 
 
+def detection_capture(prefix: str) -> str:
+    return f"{prefix}.detection.>"
+
+
+def mapping_capture(prefix: str) -> str:
+    return f"{prefix}.mapping.>"
+
+
+def deadletter_capture(prefix: str) -> str:
+    return f"{prefix}.deadletter.>"
+
+
 def outbound_captures(prefix: str) -> list[str]:
-    return [f"{prefix}.detection.>", f"{prefix}.mapping.>", f"{prefix}.deadletter.>"]
+    return [detection_capture(prefix), mapping_capture(prefix), deadletter_capture(prefix)]
 
 
 def resolve_command_subject(prefix: str) -> str:

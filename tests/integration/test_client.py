@@ -1,4 +1,4 @@
-"""The Python client (worker/client.py) against a running worker: Spoke publishes, Alerts follows."""
+"""The Python client (worker/client/) against a running worker: Spoke publishes, Alerts follows."""
 
 from __future__ import annotations
 

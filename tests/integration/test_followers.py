@@ -1,4 +1,4 @@
-"""Alert followers that never die and never lose an alert (worker/client.py `Alerts`).
+"""Alert followers that never die and never lose an alert (worker/client/alerts.py `Alerts`).
 
 A stale `408` status (an earlier pull's expiry arriving late) makes nats-py's fetch
 return no message; a handler that raises leaves its alert unacked; a NATS restart is
@@ -17,7 +17,8 @@ import nats
 import pytest
 
 from tests.support import Hub, open_hub
-from worker.client import FETCH_WAIT_SECONDS, AlertEvent, Alerts, Spoke, subscribe
+from worker.client import AlertEvent, Alerts, Spoke, subscribe
+from worker.client.alerts import FETCH_WAIT_SECONDS
 from worker.config import Settings
 from worker.embedded import EmbeddedNats
 from worker.events import DeadLetterEvent, DetectionEvent

@@ -1,31 +1,4 @@
-"""A small Python client of the hub: publish as a spoke, follow alerts.
-
-`Spoke` publishes a spoke's session events (contract section 3), validated by
-the same models the worker uses, with the `eventId` as `Nats-Msg-Id`, and waits
-for JetStream's ack. `subscribe` follows the detection (and, on request,
-mapping and dead-letter) events the worker publishes (section 5) through a
-JetStream pull consumer on `HUB_OUT`, as typed models, acking each one only
-once it was handled.
-
-Publishing::
-
-    async def main() -> None:
-        async with await Spoke.connect("nats://127.0.0.1:4222", "laptop") as spoke:
-            await spoke.session_spawned("sess-42", parent_session_id="coord-1", task="refactor")
-            await spoke.signal("sess-42", "high_error_count", "high", details={"errors": 42})
-            await spoke.session_completed("sess-42", reason="done")
-
-Following high-severity alerts, catching up after being offline; an alert is
-acked when `page` returns, and delivered again when it raises::
-
-    async def page(event: AlertEvent) -> None:
-        print(event.type, event.detection.anomaly_type, event.detection.session_id)
-
-    async def main() -> None:
-        nc = await nats.connect("nats://127.0.0.1:4222", max_reconnect_attempts=-1)
-        async with subscribe(nc, durable="pager", severities=["high"]) as alerts:
-            await alerts.handle(page)
-"""
+"""Following the hub's alerts: `subscribe` and the `Alerts` it returns."""
 
 from __future__ import annotations
 
@@ -33,22 +6,12 @@ import asyncio
 import contextlib
 import inspect
 import itertools
-import json
-import re
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-)
-from datetime import UTC, datetime
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from datetime import datetime
 from types import TracebackType
-from typing import Annotated, Any, Literal, Self, TypeVar
-from uuid import UUID, uuid4
+from typing import Annotated, Literal, Self
+from uuid import uuid4
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -57,37 +20,22 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import Field, TypeAdapter, ValidationError
 
-from worker.config import stream_token
-from worker.constants import MAX_EVENT_BYTES
-from worker.domain import Lifecycle, Severity
-from worker.events import (
-    DeadLetterEvent,
-    DetectionEscalatedEvent,
-    DetectionEvent,
-    EndedEvent,
-    LifecycleEvent,
-    MappingEvent,
-    SignalEvent,
-    SpawnedEvent,
+from worker.client.spoke import as_jetstream
+from worker.domain import SEVERITIES, Severity
+from worker.events import DeadLetterEvent, DetectionEscalatedEvent, DetectionEvent, MappingEvent
+from worker.subjects import (
+    ID_PATTERN,
+    KIND_PATTERN,
+    deadletter_capture,
+    detection_capture,
+    detection_subject,
+    is_id,
+    is_kind,
+    mapping_capture,
+    mapping_subject,
+    out_stream,
 )
 
-__all__ = [
-    "AlertEvent",
-    "AlertHandler",
-    "Alerts",
-    "Spoke",
-    "alert_filters",
-    "out_stream",
-    "publishable_headers",
-    "stream_token",
-    "subscribe",
-]
-
-_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_SEVERITIES: tuple[Severity, ...] = ("high", "medium", "low")
-# How long a publish waits for the stream's ack, seconds.
-PUBLISH_TIMEOUT_SECONDS = 5.0
 # Alerts: messages per pull, and how long one pull waits on the server, seconds.
 FETCH_BATCH = 100
 FETCH_WAIT_SECONDS = 5.0
@@ -99,330 +47,6 @@ EPHEMERAL_INACTIVE_SECONDS = 60.0
 # consumer that vanished) after this many failures in a row.
 FOLLOW_RETRY_MAX_SECONDS = 5.0
 REPAIR_AFTER = 3
-
-# Headers JetStream acts on at publish time: never copied onto a republished message.
-_JETSTREAM_PUBLISH_HEADERS = ("nats-expected-", "nats-rollup", "nats-ttl", "nats-msg-id")
-
-_E = TypeVar("_E", bound=LifecycleEvent | SpawnedEvent | EndedEvent | SignalEvent)
-
-
-def out_stream(prefix: str) -> str:
-    """The outbound stream of a hub: `HUB_OUT` for the prefix `hub`."""
-    return f"{stream_token(prefix)}_OUT"
-
-
-def _jetstream(nc_or_js: NATS | JetStreamContext) -> JetStreamContext:
-    return nc_or_js if isinstance(nc_or_js, JetStreamContext) else nc_or_js.jetstream()
-
-
-def publishable_headers(headers: Mapping[str, str] | None, msg_id: str) -> dict[str, str]:
-    """Headers for republishing a stored message: JetStream's publish-time headers
-    (expectations, rollups, TTLs, the old `Nats-Msg-Id`) dropped, a new `Nats-Msg-Id` set."""
-    kept = {
-        k: v
-        for k, v in (headers or {}).items()
-        if not k.lower().startswith(_JETSTREAM_PUBLISH_HEADERS)
-    }
-    return {**kept, "Nats-Msg-Id": msg_id}
-
-
-# --- publishing as a spoke -------------------------------------------------------
-
-
-class Spoke:
-    """Publishes one spoke's session events to the hub.
-
-    Every method validates the body with the worker's own models before it
-    leaves (a `pydantic.ValidationError` or `ValueError` otherwise), fills
-    `eventId` (a new uuid4 unless given) and `occurredAt` (now, UTC, unless
-    given), sends the eventId as header `Nats-Msg-Id`, waits for JetStream's
-    ack and returns the event as published::
-
-        spoke = Spoke(nc, "laptop", prefix="hub")      # an open connection
-        event = await spoke.heartbeat("sess-42")
-        print(event.event_id)
-
-    Publishing the same event again (same `event_id`) is safe: the stream's
-    duplicate window and then the worker's ledger apply it once.
-    """
-
-    def __init__(
-        self, nc_or_js: NATS | JetStreamContext, spoke_id: str, prefix: str = "hub"
-    ) -> None:
-        if not _ID_RE.fullmatch(spoke_id):
-            raise ValueError(f"spoke id must match [A-Za-z0-9_-]{{1,128}}, got {spoke_id!r}")
-        self.js = _jetstream(nc_or_js)
-        self.spoke_id = spoke_id
-        self.prefix = prefix
-        self._owned: NATS | None = None
-
-    @classmethod
-    async def connect(
-        cls, url: str | list[str], spoke_id: str, prefix: str = "hub", **options: Any
-    ) -> Spoke:
-        """Connect to NATS (`options` go to `nats.connect`); `close()` closes that connection.
-
-        ::
-
-            spoke = await Spoke.connect("nats://127.0.0.1:4222", "laptop")
-            try:
-                await spoke.session_started("sess-42")
-            finally:
-                await spoke.close()
-        """
-        nc = await nats.connect(servers=url, **options)
-        spoke = cls(nc, spoke_id, prefix)
-        spoke._owned = nc
-        return spoke
-
-    async def close(self) -> None:
-        """Close the connection `connect` opened (a connection passed in is left open)."""
-        if self._owned is not None and not self._owned.is_closed:
-            await self._owned.drain()
-        self._owned = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    # -- lifecycle events --
-
-    async def session_spawned(
-        self,
-        session_id: str,
-        *,
-        parent_session_id: str | None = None,
-        workspace_id: str | None = None,
-        task_id: str | None = None,
-        task: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> SpawnedEvent:
-        """A session was spawned (creates its mapping)::
-
-        await spoke.session_spawned("sess-42", parent_session_id="coord-1", task="refactor")
-        """
-        return await self._publish(
-            SpawnedEvent,
-            "spawned",
-            session_id,
-            {
-                "parent_session_id": parent_session_id,
-                "workspace_id": workspace_id,
-                "task_id": task_id,
-                "task": task,
-            },
-            metadata,
-            event_id,
-            occurred_at,
-        )
-
-    async def session_started(
-        self,
-        session_id: str,
-        *,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> LifecycleEvent:
-        """The session started working: `await spoke.session_started("sess-42")`."""
-        return await self._lifecycle("started", session_id, metadata, event_id, occurred_at)
-
-    async def heartbeat(
-        self,
-        session_id: str,
-        *,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> LifecycleEvent:
-        """The session is alive (keeps stall detection away): `await spoke.heartbeat("sess-42")`."""
-        return await self._lifecycle("heartbeat", session_id, metadata, event_id, occurred_at)
-
-    async def session_completed(
-        self,
-        session_id: str,
-        reason: str | None = None,
-        *,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> EndedEvent:
-        """The session ended well: `await spoke.session_completed("sess-42", reason="done")`."""
-        return await self._ended("completed", session_id, reason, metadata, event_id, occurred_at)
-
-    async def session_failed(
-        self,
-        session_id: str,
-        reason: str | None = None,
-        *,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> EndedEvent:
-        """The session failed: `await spoke.session_failed("sess-42", reason="OOM")`."""
-        return await self._ended("failed", session_id, reason, metadata, event_id, occurred_at)
-
-    async def session_aborted(
-        self,
-        session_id: str,
-        reason: str | None = None,
-        *,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> EndedEvent:
-        """The session was stopped: `await spoke.session_aborted("sess-42", reason="cancelled")`."""
-        return await self._ended("aborted", session_id, reason, metadata, event_id, occurred_at)
-
-    async def session_archived(
-        self,
-        session_id: str,
-        *,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> LifecycleEvent:
-        """The session is closed for good (resolves its detections):
-        `await spoke.session_archived("sess-42")`."""
-        return await self._lifecycle("archived", session_id, metadata, event_id, occurred_at)
-
-    async def lifecycle(
-        self,
-        lifecycle: Lifecycle,
-        session_id: str,
-        *,
-        metadata: dict[str, Any] | None = None,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-        **fields: Any,
-    ) -> LifecycleEvent | SpawnedEvent | EndedEvent:
-        """Any lifecycle event by name, with its own keys as `fields` (snake_case)::
-
-        await spoke.lifecycle("failed", "sess-42", reason="OOM")
-        """
-        model: type[LifecycleEvent] | type[SpawnedEvent] | type[EndedEvent]
-        if lifecycle == "spawned":
-            model = SpawnedEvent
-        elif lifecycle in ("completed", "failed", "aborted"):
-            model = EndedEvent
-        else:
-            model = LifecycleEvent
-        return await self._publish(
-            model, lifecycle, session_id, fields, metadata, event_id, occurred_at
-        )
-
-    # -- signals --
-
-    async def signal(
-        self,
-        session_id: str,
-        kind: str,
-        severity: Severity,
-        details: dict[str, Any] | None = None,
-        fingerprint: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        *,
-        event_id: UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> SignalEvent:
-        """A heuristic signal; `kind` like `model_degradation` (upper case is folded)::
-
-        await spoke.signal("sess-42", "model_degradation", "high", details={"score": 0.2})
-        """
-        token = kind.lower()
-        if not _KIND_RE.fullmatch(token):
-            raise ValueError(f"signal kind must match [a-z][a-z0-9_]{{0,63}}, got {kind!r}")
-        return await self._publish(
-            SignalEvent,
-            f"signal.{token}",
-            session_id,
-            {"severity": severity, "details": details, "fingerprint": fingerprint},
-            metadata,
-            event_id,
-            occurred_at,
-        )
-
-    # -- internals --
-
-    async def _lifecycle(
-        self,
-        lifecycle: Literal["started", "heartbeat", "archived"],
-        session_id: str,
-        metadata: dict[str, Any] | None,
-        event_id: UUID | None,
-        occurred_at: datetime | None,
-    ) -> LifecycleEvent:
-        return await self._publish(
-            LifecycleEvent, lifecycle, session_id, {}, metadata, event_id, occurred_at
-        )
-
-    async def _ended(
-        self,
-        lifecycle: Literal["completed", "failed", "aborted"],
-        session_id: str,
-        reason: str | None,
-        metadata: dict[str, Any] | None,
-        event_id: UUID | None,
-        occurred_at: datetime | None,
-    ) -> EndedEvent:
-        return await self._publish(
-            EndedEvent, lifecycle, session_id, {"reason": reason}, metadata, event_id, occurred_at
-        )
-
-    async def _publish(
-        self,
-        model: type[_E],
-        tail: str,
-        session_id: str,
-        fields: Mapping[str, Any],
-        metadata: dict[str, Any] | None,
-        event_id: UUID | None,
-        occurred_at: datetime | None,
-    ) -> _E:
-        event = model.model_validate(
-            {
-                **fields,
-                "event_id": event_id or uuid4(),
-                "occurred_at": occurred_at or datetime.now(UTC),
-                "spoke_id": self.spoke_id,
-                "session_id": session_id,
-                "metadata": metadata,
-            }
-        )
-        assert isinstance(event, model)
-        body = event.model_dump(mode="json", exclude_none=True)
-        # RFC 3339 with a numeric offset (`+00:00`), as the contract's examples write it.
-        body["occurredAt"] = event.occurred_at.isoformat()
-        try:
-            payload = json.dumps(
-                body, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-            ).encode()
-        except ValueError as err:
-            raise ValueError(f"the event is not valid JSON: {err}") from None
-        if len(payload) > MAX_EVENT_BYTES:
-            raise ValueError(
-                f"the event is {len(payload)} bytes, over the hub's limit of {MAX_EVENT_BYTES}"
-            )
-        subject = f"{self.prefix}.spoke.{self.spoke_id}.session.{session_id}.{tail}"
-        await self.js.publish(
-            subject,
-            payload,
-            timeout=PUBLISH_TIMEOUT_SECONDS,
-            headers={"Nats-Msg-Id": str(event.event_id)},
-        )
-        return event
-
-
-# --- following alerts -------------------------------------------------------------
 
 AlertEvent = DetectionEvent | DetectionEscalatedEvent | MappingEvent | DeadLetterEvent
 _ALERT: TypeAdapter[AlertEvent] = TypeAdapter(Annotated[AlertEvent, Field(discriminator="type")])
@@ -442,27 +66,27 @@ def alert_filters(
     plus `P.deadletter.>`."""
     sevs = sorted(set(severities))
     for severity in sevs:
-        if severity not in _SEVERITIES:
+        if severity not in SEVERITIES:
             raise ValueError(f"severity must be high, medium or low, got {severity!r}")
     tokens = sorted({k.lower() for k in kinds})
     for token in tokens:
-        if not _KIND_RE.fullmatch(token):
-            raise ValueError(f"kind must match [a-z][a-z0-9_]{{0,63}}, got {token!r}")
+        if not is_kind(token):
+            raise ValueError(f"kind must match {KIND_PATTERN}, got {token!r}")
     ids = sorted(set(sessions))
     for session_id in ids:
-        if not _ID_RE.fullmatch(session_id):
-            raise ValueError(f"session id must match [A-Za-z0-9_-]{{1,128}}, got {session_id!r}")
+        if not is_id(session_id):
+            raise ValueError(f"session id must match {ID_PATTERN}, got {session_id!r}")
     if not sevs and not tokens:
-        filters = [f"{prefix}.detection.>"]
+        filters = [detection_capture(prefix)]
     else:
         filters = [
-            f"{prefix}.detection.*.{severity}.{kind}"
+            detection_subject(prefix, "*", severity, kind)
             for severity, kind in itertools.product(sevs or ["*"], tokens or ["*"])
         ]
     if include_mappings:
-        filters += [f"{prefix}.mapping.*.{s}" for s in ids] or [f"{prefix}.mapping.>"]
+        filters += [mapping_subject(prefix, "*", s) for s in ids] or [mapping_capture(prefix)]
     if include_deadletters:
-        filters.append(f"{prefix}.deadletter.>")
+        filters.append(deadletter_capture(prefix))
     return filters
 
 
@@ -490,9 +114,9 @@ class Alerts:
         include_deadletters: bool = False,
         since: datetime | Literal["all"] | None = None,
     ) -> None:
-        if durable is not None and not _ID_RE.fullmatch(durable):
-            raise ValueError(f"durable name must match [A-Za-z0-9_-]{{1,128}}, got {durable!r}")
-        self.js = _jetstream(nc_or_js)
+        if durable is not None and not is_id(durable):
+            raise ValueError(f"durable name must match {ID_PATTERN}, got {durable!r}")
+        self.js = as_jetstream(nc_or_js)
         self.prefix = prefix
         self.stream = out_stream(prefix)
         self.durable = durable
