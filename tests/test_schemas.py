@@ -25,6 +25,19 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from worker import __version__
+from worker.cli.schemas import (
+    ASYNCAPI_FILE,
+    DEFAULT_DIRECTORY,
+    SCHEMA_DIALECT,
+    SCHEMA_SUFFIX,
+    asyncapi,
+    check,
+    examples,
+    export,
+    files,
+    json_schemas,
+    render_yaml,
+)
 from worker.config import Settings
 from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason, SessionStatus, dedup_key
 from worker.events import (
@@ -43,19 +56,6 @@ from worker.events import (
     SpawnedEvent,
 )
 from worker.intake import decode
-from worker.schemas import (
-    ASYNCAPI_FILE,
-    DEFAULT_DIRECTORY,
-    SCHEMA_DIALECT,
-    SCHEMA_SUFFIX,
-    asyncapi,
-    check,
-    examples,
-    export,
-    files,
-    json_schemas,
-    render_yaml,
-)
 from worker.subjects import (
     deadletter_subject,
     detection_subject,
@@ -151,7 +151,7 @@ def test_check_reports_a_stale_a_missing_and_an_extra_file(tmp_path: Path) -> No
 def test_module_command_exports_and_checks(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "worker.schemas", *args],
+            [sys.executable, "-m", "worker.cli.schemas", *args],
             capture_output=True,
             text=True,
             timeout=60,

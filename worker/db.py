@@ -600,7 +600,7 @@ async def list_accounts(conn: Connection) -> list[Account]:
     ]
 
 
-# --- operator commands (worker/cli_ops.py) ------------------------------------
+# --- operator commands (worker/cli/) ------------------------------------
 
 
 async def list_detections(

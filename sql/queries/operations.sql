@@ -1,4 +1,4 @@
--- Operator commands (worker/cli_ops.py): listing detections and dead letters,
+-- Operator commands (worker/cli/): listing detections and dead letters,
 -- and recording dead-letter replays.
 
 -- name: list_detections

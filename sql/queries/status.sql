@@ -1,4 +1,4 @@
--- `hub-worker status` (worker/status.py): who holds which lock, what is waiting,
+-- `hub-worker status` (worker/cli/status.py): who holds which lock, what is waiting,
 -- what went wrong lately. Read-only; the runtime role may run every query here.
 
 -- name: lock_holders

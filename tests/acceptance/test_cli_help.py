@@ -9,6 +9,8 @@ import pytest
 
 from tests.support import ROOT
 from worker import cli
+from worker.cli import admin
+from worker.cli.common import Endpoints
 from worker.config import Settings
 from worker.embedded import free_port
 
@@ -30,10 +32,10 @@ def test_run_help_lists_the_variables_of_the_readme(capsys: pytest.CaptureFixtur
 def test_migrate_gives_up_on_a_database_that_never_answers(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "MIGRATE_GIVE_UP_SECONDS", 2.0)
+    monkeypatch.setattr(admin, "MIGRATE_GIVE_UP_SECONDS", 2.0)
     url = f"postgresql://hub:s3cret@127.0.0.1:{free_port()}/hub"
     began = time.monotonic()
-    code = cli._migrate(Settings(database_url=url), cli.Endpoints(url, []))
+    code = admin.migrate_command(Settings(database_url=url), Endpoints(url, []))
     assert code == 1
     assert time.monotonic() - began < 10
     err = capsys.readouterr().err

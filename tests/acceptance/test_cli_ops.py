@@ -1,6 +1,6 @@
-"""The operator commands (worker/cli_ops.py) end to end, through real NATS and PostgreSQL.
+"""The operator commands (worker/cli/) end to end, through real NATS and PostgreSQL.
 
-Most run as a process, `python -m worker.cli_ops …` (the same parser and dispatch that
+Most run as a process, `python -m worker.cli.ops …` (the same parser and dispatch that
 `hub-worker` registers), next to a worker running in the test's event loop; a few call
 `register` and `dispatch` in-process on a fresh parser, as `hub-worker` does.
 """
@@ -21,8 +21,10 @@ from uuid import UUID, uuid4
 import pytest
 
 from tests.support import Hub, wait_until
-from worker import cli_ops, db
-from worker.cli import Endpoints
+from worker import db
+from worker.cli import ops
+from worker.cli.alerts import alert_line
+from worker.cli.common import Endpoints
 from worker.client import Spoke
 from worker.events import DetectionEscalatedEvent
 
@@ -49,7 +51,7 @@ async def start_cli(hub: Hub, *argv: str, **env: str) -> asyncio.subprocess.Proc
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "worker.cli_ops",
+        "worker.cli.ops",
         *argv,
         env={**hub.env(), **env},
         cwd=hub.tmp,
@@ -82,7 +84,7 @@ def one_sentence(run: Run, command: str) -> str:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub-worker")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cli_ops.register(commands)
+    ops.register(commands)
     return parser
 
 
@@ -176,11 +178,11 @@ async def test_dispatch_in_process(hub: Hub, capsys: pytest.CaptureFixture[str])
     endpoints = Endpoints(hub.database_url, [hub.nats_url])
 
     args = parser().parse_args(["publish", "--spoke", "sp1", "--session", "s1", "heartbeat"])
-    assert await cli_ops.dispatch(args, hub.settings, endpoints) == 1  # no stream yet
+    assert await ops.dispatch(args, hub.settings, endpoints) == 1  # no stream yet
     assert "has `hub-worker run` created" in capsys.readouterr().err
 
     await hub.start_worker()
-    assert await cli_ops.dispatch(args, hub.settings, endpoints) == 0
+    assert await ops.dispatch(args, hub.settings, endpoints) == 0
     event_ids = [line for line in capsys.readouterr().out.splitlines() if UUID_LINE.match(line)]
     assert len(event_ids) == 1
     await hub.settle()
@@ -189,14 +191,14 @@ async def test_dispatch_in_process(hub: Hub, capsys: pytest.CaptureFixture[str])
     capsys.readouterr()
 
     args = parser().parse_args(["deadletters", "--json"])
-    assert await cli_ops.dispatch(args, hub.settings, endpoints) == 0
+    assert await ops.dispatch(args, hub.settings, endpoints) == 0
     assert json.loads(capsys.readouterr().out) == []
 
     missing = parser().parse_args(["publish", "--session", "s1", "heartbeat"])
-    assert await cli_ops.dispatch(missing, hub.settings, endpoints) == 2
+    assert await ops.dispatch(missing, hub.settings, endpoints) == 2
     assert capsys.readouterr().err == "hub-worker publish: --spoke is required\n"
 
-    assert await cli_ops.dispatch(argparse.Namespace(), hub.settings, endpoints) == 2
+    assert await ops.dispatch(argparse.Namespace(), hub.settings, endpoints) == 2
 
 
 # --- publish -------------------------------------------------------------------------------
@@ -731,12 +733,12 @@ def test_alert_lines_color_the_severity_on_a_terminal() -> None:
             "detection": detection,
         }
     )
-    plain = cli_ops.alert_line(event)
+    plain = alert_line(event)
     assert re.fullmatch(
         r"(2026-11-2\d )?\d\d:\d\d:\d\d ESCALATED  high   MODEL_DEGRADATION  "
         r"session=s1 count=3 from=low id=d-1",
         plain,
     ), plain
-    colored = cli_ops.alert_line(event, color=True)
+    colored = alert_line(event, color=True)
     assert "\x1b[1;31mhigh  \x1b[0m" in colored
     assert re.sub(r"\x1b\[[0-9;]*m", "", colored) == plain

@@ -20,7 +20,8 @@ import nats
 import pytest
 
 from tests.support import start_hub_worker, wait_until
-from worker import embedded, running
+from worker import embedded
+from worker.cli import running
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from tests.acceptance.test_cli_ops import cli, one_sentence
 from tests.support import Hub
 from worker import db
-from worker.cli_ops import replay_msg_id
+from worker.cli.deadletters import replay_msg_id
 
 pytestmark = pytest.mark.integration
 

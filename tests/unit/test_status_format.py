@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from worker import db
-from worker.status import age
+from worker.cli.status import age
 
 
 def test_an_application_name_carries_the_process_and_fits_postgres() -> None:

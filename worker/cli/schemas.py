@@ -1,7 +1,7 @@
 """The message contract for other languages: JSON Schemas and an AsyncAPI 3.0 document.
 
 Everything here is generated from the pydantic models of `worker.events`, never
-written by hand: `hub-worker schemas export` (or `python -m worker.schemas
+written by hand: `hub-worker schemas export` (or `python -m worker.cli.schemas
 export`) writes `schemas/*.schema.json` and `schemas/asyncapi.yaml`, and the
 tests fail when the committed files drift from the models (`check`).
 
@@ -40,7 +40,6 @@ from worker.domain import (
     Severity,
     anomaly_type_of,
     dedup_key,
-    ended_status,
 )
 from worker.events import (
     CommandError,
@@ -56,12 +55,15 @@ from worker.events import (
     ResolveRequest,
     SignalEvent,
     SpawnedEvent,
+    lifecycle_model,
 )
 from worker.subjects import (
     deadletter_subject,
     detection_subject,
+    inbound_subject,
     mapping_subject,
     resolve_command_subject,
+    signal_event,
 )
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -71,7 +73,7 @@ ASYNCAPI_VERSION = "3.0.0"
 # The documents name subjects with the default prefix; a hub with another
 # HUB_SUBJECT_PREFIX replaces this first token (and `HUB_` in stream names).
 PREFIX = "hub"
-DEFAULT_DIRECTORY = Path(__file__).resolve().parent.parent / "schemas"
+DEFAULT_DIRECTORY = Path(__file__).resolve().parents[2] / "schemas"
 GENERATED_BY = (
     "Generated from worker/events.py by `hub-worker schemas export`; do not edit by hand."
 )
@@ -92,21 +94,12 @@ _OUTBOUND_NOTE = (
 )
 
 
-def _inbound_subject(last: str) -> str:
-    return f"{PREFIX}.spoke.{{spokeId}}.session.{{sessionId}}.{last}"
-
-
-def _model_of(lifecycle: Lifecycle) -> type[BaseModel]:
-    """The body of a lifecycle subject, as the worker's intake decides it."""
-    if lifecycle == "spawned":
-        return SpawnedEvent
-    if ended_status(lifecycle) is not None:
-        return EndedEvent
-    return LifecycleEvent
+def _inbound_subject(event: str) -> str:
+    return inbound_subject(PREFIX, "{spokeId}", "{sessionId}", event)
 
 
 def _lifecycles(model: type[BaseModel]) -> tuple[Lifecycle, ...]:
-    return tuple(lc for lc in LIFECYCLES if _model_of(lc) is model)
+    return tuple(lc for lc in LIFECYCLES if lifecycle_model(lc) is model)
 
 
 @dataclass(frozen=True)
@@ -163,7 +156,7 @@ SHAPES: tuple[_Shape, ...] = (
         "signal",
         SignalEvent,
         "inbound",
-        (_inbound_subject("signal.{kind}"),),
+        (_inbound_subject(signal_event("{kind}")),),
         "A heuristic signal about a session; opens or counts a detection.",
     ),
     _Shape(
@@ -602,7 +595,7 @@ def _channels() -> list[_Channel]:
     channels.append(
         _Channel(
             "signal",
-            _inbound_subject("signal.{kind}"),
+            _inbound_subject(signal_event("{kind}")),
             {**session, "kind": "signalKind"},
             "signal",
             "A heuristic signal about a session, published by its spoke.",
@@ -846,7 +839,7 @@ def check(directory: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.schemas",
+        prog="python -m worker.cli.schemas",
         description="Generate (export) or verify (check) the JSON Schemas and AsyncAPI document.",
     )
     parser.add_argument("action", choices=("export", "check"))

@@ -13,16 +13,35 @@ Read straight from the servers, so it answers however many workers run (or none)
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
 from worker import db
+from worker.cli.arguments import parse_positive_seconds
+from worker.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CommandFailed,
+    Endpoints,
+    command_parser,
+    database,
+    describe,
+    error,
+    nats_connection,
+    stop_on_signals,
+    table,
+)
 from worker.config import Settings
 from worker.domain import SEVERITIES
 from worker.locks import (
@@ -227,7 +246,7 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def render(status: HubStatus, table: Table) -> str:
-    """The screen; `table(headers, rows)` aligns the lanes (worker.cli_ops.table)."""
+    """The screen; `table(headers, rows)` aligns the lanes (worker.cli.common.table)."""
     when = status.at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     workers = len(status.workers)
     lines = [
@@ -263,3 +282,93 @@ def render(status: HubStatus, table: Table) -> str:
     if status.workers:
         lines.append(f"workers       {', '.join(status.workers)}")
     return "\n".join(lines)
+
+
+# --- the command --------------------------------------------------------------------
+
+
+STATUS_EPILOG = """\
+examples:
+  hub-worker status                     # one screen: lanes, outbox, leaders, dead letters
+  hub-worker status --watch             # refreshed every 2 s until Ctrl-C
+  hub-worker status --watch 10 --json   # one JSON object per line, every 10 s
+  hub-worker status --json | jq '.lanes[] | select(.owner == null)'
+
+Reads NATS (consumer info) and PostgreSQL (advisory locks, outbox, dead letters,
+detections) directly: it answers whether or not a worker runs. A lane's OLDEST UNAPPLIED
+is the age of the first message it has not applied; OWNER and the leaders are the
+worker processes (host:pid) holding the lane's or the duty's lock, NONE when nobody does.
+"""
+
+
+# `--watch` without a number refreshes this often, seconds.
+STATUS_WATCH_SECONDS = 2.0
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = command_parser(
+        commands,
+        "status",
+        help="lanes, outbox, leaders, dead letters and detections of the running hub",
+        description="What the hub is doing now: each lane's owner, pending messages and "
+        "oldest unapplied age; the outbox; who leads the relay, the sweep and the janitor; "
+        "dead letters of the last hour by reason; active detections by severity.",
+        epilog=STATUS_EPILOG,
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const=STATUS_WATCH_SECONDS,
+        type=parse_positive_seconds,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {STATUS_WATCH_SECONDS:g}) until Ctrl-C",
+    )
+
+
+_STATUS_NATS_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    TimeoutError,
+)
+
+
+async def run_status(args: argparse.Namespace, settings: Settings, endpoints: Endpoints) -> int:
+    watch: float | None = args.watch
+    clear = watch is not None and not args.json and sys.stdout.isatty()
+    with stop_on_signals() as received:
+        try:
+            async with (
+                nats_connection(endpoints, settings.nats_auth, follow=watch is not None) as nc,
+                database(endpoints) as conn,
+            ):
+                js = nc.jetstream()
+                while True:
+                    try:
+                        current = await gather(conn, js, settings)
+                    except _STATUS_NATS_ERRORS as err:
+                        if watch is None:
+                            raise CommandFailed(
+                                EXIT_FAILURE, f"NATS did not answer ({describe(err)})"
+                            ) from None
+                        # A watch rides out a NATS restart: say so, look again.
+                        error("status", f"NATS did not answer ({describe(err)}), retrying")
+                        await asyncio.sleep(watch)
+                        continue
+                    if args.json:
+                        indent = None if watch is not None else 2
+                        print(json.dumps(to_json(current), indent=indent), flush=True)
+                    else:
+                        screen = render(current, table)
+                        print(("\x1b[H\x1b[2J" if clear else "") + screen, flush=True)
+                        if watch is not None and not clear:
+                            print(flush=True)
+                    if watch is None:
+                        break
+                    await asyncio.sleep(watch)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not received or task is None:
+                raise
+            task.uncancel()
+    return EXIT_OK
