@@ -20,8 +20,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY sql ./sql
-# Wheels of the project and of everything it depends on, so that the runtime stage
-# installs exactly what was resolved here and needs no index.
+# Wheels of the project and of everything it depends on (no extras: the embedded
+# servers stay out), so that the runtime stage installs exactly what was resolved here
+# and needs no index.
 RUN pip wheel --wheel-dir /dist .
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -39,8 +40,9 @@ RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     pip install --no-index --find-links=/dist hub-worker \
     && hub-worker --version
 WORKDIR /app
-# HUB_DATA_DIR only matters when HUB_NATS_URL / HUB_DATABASE_URL are unset (the
-# embedded servers keep their data there); it must be writable by the worker's user.
+# The image installs no extras, so it carries no embedded servers: set HUB_NATS_URL and
+# HUB_DATABASE_URL. HUB_DATA_DIR (where `run` keeps its lock and hub.json) must be
+# writable by the worker's user.
 RUN mkdir -p /app/data && chown -R 10001:10001 /app
 ENV HUB_DATA_DIR=/app/data \
     HUB_HTTP_ADDR=0.0.0.0:9464
