@@ -6,6 +6,17 @@ embedded servers and `running.py`'s lock on HUB_DATA_DIR), `admin.py` `migrate` 
 `detections.py`, `deadletters.py`, `status.py`) and `schemas.py` `schemas`.
 """
 
-from worker.cli.main import main
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`hub-worker ARGV…`; returns the exit code."""
+    # Imported here, not above: `python -m worker.cli.ops` (or `.schemas`) imports this
+    # package first, and must not find the module it runs imported already.
+    from worker.cli.main import main as hub_worker
+
+    return hub_worker(argv)
