@@ -40,8 +40,10 @@ import nats
 import nats.errors
 import nats.js.errors
 
+from worker.subjects import ID_PATTERN, inbound_subject
+
 # Spoke and session ids as the contract allows them in a subject token.
-SPOKE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+SPOKE_ID_RE = re.compile(ID_PATTERN)
 
 # Seconds between two retries of a publish the hub did not take (no stream yet, a
 # timeout): the worker creates the inbound stream when it starts.
@@ -168,7 +170,7 @@ def build_message(
         **step.fields,
     }
     return Outgoing(
-        subject=f"{prefix}.spoke.{spoke_id}.session.{session_id}.{step.tail}",
+        subject=inbound_subject(prefix, spoke_id, session_id, step.tail),
         body=json.dumps(body, separators=(",", ":")).encode(),
         headers={"Nats-Msg-Id": event_id},
     )

@@ -28,6 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from worker import db
 from worker.app import Worker
 from worker.config import Settings
+from worker.subjects import inbound_subject
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTLE_TIMEOUT_SECONDS = 30.0
@@ -190,7 +191,7 @@ class Hub:
     # --- publishing as a spoke -------------------------------------------------
 
     def subject(self, spoke: str, session: str, what: str) -> str:
-        return f"{self.prefix}.spoke.{spoke}.session.{session}.{what}"
+        return inbound_subject(self.prefix, spoke, session, what)
 
     def event(self, spoke: str, session: str, **fields: Any) -> dict[str, Any]:
         return {

@@ -58,6 +58,8 @@ from worker.events import (
     lifecycle_model,
 )
 from worker.subjects import (
+    ID_PATTERN,
+    KIND_PATTERN,
     deadletter_subject,
     detection_subject,
     inbound_subject,
@@ -504,16 +506,16 @@ def _rewrite_refs(node: Any) -> Any:
 
 _PARAMETERS: dict[str, dict[str, Any]] = {
     "spokeId": {
-        "description": "The spoke's id, `[A-Za-z0-9_-]{1,128}`; equals the body's `spokeId`.",
+        "description": f"The spoke's id, `{ID_PATTERN}`; equals the body's `spokeId`.",
         "examples": ["laptop"],
     },
     "sessionId": {
-        "description": "The session's id, `[A-Za-z0-9_-]{1,128}`; equals the body's `sessionId`.",
+        "description": f"The session's id, `{ID_PATTERN}`; equals the body's `sessionId`.",
         "examples": ["sess-42"],
     },
     "signalKind": {
         "description": (
-            "The signal's kind, `[a-z][a-z0-9_]{0,63}`; the detection's `anomalyType` is the "
+            f"The signal's kind, `{KIND_PATTERN}`; the detection's `anomalyType` is the "
             "kind upper-cased."
         ),
         "examples": ["model_degradation", "high_error_count", "session_stall"],
