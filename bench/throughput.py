@@ -547,7 +547,9 @@ async def drain(
         statements = (
             await top_statements(srv, stage.database, worker_root) if srv.statements else []
         )
-        batches = next((s.calls for s in statements if s.name == "transaction_now"), 0)
+        batches = next(
+            (s.calls for s in statements if s.name in ("transaction_now", "batch_start")), 0
+        )
         await conn.close()
         raw = await raw_ceiling(js, stream, len(events))
         return Result(
@@ -676,11 +678,10 @@ async def prefill(srv: Servers, worker_root: Path, scale: float) -> tuple[str, s
     try:
         for table in ("sessions", "detections", "processed_events", "mappings"):
             await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
-        for statement in PREFILL_SQL.split(";\n"):
-            if statement.strip():
-                params = [sessions, detections, ledger]
-                used = [v for n, v in enumerate(params, 1) if f"${n}" in statement]
-                await conn.execute(statement, *used)
+        script = PREFILL_SQL
+        for placeholder, size in (("$1", sessions), ("$2", detections), ("$3", ledger)):
+            script = script.replace(placeholder, str(size))
+        await conn.execute(script)
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()

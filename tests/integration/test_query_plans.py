@@ -102,10 +102,9 @@ def _hot_queries() -> dict[str, list[Any]]:
     n = BATCH
     new = [str(uuid4()) for _ in range(n)]
     return {
-        "applied_events": [events],
+        "batch_start": [events],
         "create_new_sessions": [[*sessions[:50], *(f"n-{i}" for i in range(50))], spokes],
         "lock_sessions": [sessions],
-        "session_mappings": [sessions],
         "active_detections_of_sessions": [sessions],
         "newest_resolved_detections": [keys],
         "record_events": [events],
