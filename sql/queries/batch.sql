@@ -51,12 +51,19 @@ ORDER BY id
 FOR NO KEY UPDATE;
 
 -- name: newest_resolved_detections
--- Per dedup key, the detection resolved last: what late news counts on.
-SELECT DISTINCT ON (dedup_key)
-       id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
-       created_at, updated_at, resolved_at, resolved_by, resolution
-FROM detections WHERE dedup_key = ANY($1::text[]) AND resolved_at IS NOT NULL
-ORDER BY dedup_key, resolved_at DESC, created_at DESC;
+-- Per dedup key, the detection resolved last: what late news counts on. One
+-- index probe per key (LIMIT 1 in idx_detections_resolved_by_key's order), so
+-- that no plan, with statistics or without, reads more than a row per key.
+SELECT d.id, d.session_id, d.anomaly_type, d.severity, d.details, d.dedup_key,
+       d.occurrence_count, d.created_at, d.updated_at, d.resolved_at, d.resolved_by,
+       d.resolution
+FROM unnest($1::text[]) AS k (dedup_key)
+CROSS JOIN LATERAL (
+    SELECT * FROM detections
+    WHERE detections.dedup_key = k.dedup_key AND resolved_at IS NOT NULL
+    ORDER BY resolved_at DESC, created_at DESC
+    LIMIT 1
+) AS d;
 
 -- name: record_events
 -- The once-only ledger; fewer rows back than given means another transaction

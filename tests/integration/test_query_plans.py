@@ -168,7 +168,13 @@ def _problems(node: dict[str, Any], keys: int) -> list[str]:
     found = []
     relation = node.get("Relation Name")
     kind = node["Node Type"]
+    if kind in ("Gather", "Gather Merge"):
+        # Parallel workers for a batch: the planner expects to read far too much.
+        found.append(f"{kind}: a parallel plan")
     if relation in SEEDED:
+        expected = node.get("Plan Rows", 0)
+        if kind != "Seq Scan" and expected > keys * 10 + SLACK_ROWS:
+            found.append(f"{kind} on {relation} expected to read {expected} rows")
         read = node.get("Actual Rows", 0) * node.get("Actual Loops", 1) + node.get(
             "Rows Removed by Filter", 0
         )
