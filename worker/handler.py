@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -241,6 +242,8 @@ class MessageHandler:
         """The canonical line of one message: DEBUG when it was simply applied (the
         batch's INFO line counts it), INFO for anything else, WARNING for a dead letter."""
         if outcome == "applied":
+            if not log.is_enabled_for(logging.DEBUG):
+                return  # nor build the line (Msg.metadata parses the reply subject)
             emit = log.debug
         elif outcome == "dead_lettered":
             emit = log.warning
