@@ -5,9 +5,12 @@ is planned as asyncpg's prepared statements get it after a few runs: the
 generic plan (`plan_cache_mode = force_generic_plan`), which cannot see how few
 sessions `session_id = ANY($1)` names. Each is run with EXPLAIN ANALYZE (and
 rolled back) on a batch's worth of keys; a plan fails on a sequential scan of a
-seeded table, or on an index scan that reads far more rows than the batch has
-(an index walked for its order and filtered, as `idx_detections_resolved_at`
-was for the active detections of a batch's sessions).
+seeded table, on an index scan that reads (or is expected to read) far more rows
+than the batch has (an index walked for its order and filtered, as
+`idx_detections_resolved_at` was for the active detections of a batch's
+sessions), and on a parallel plan. At these sizes no plan goes parallel; on an
+unanalysed 1,000,000-row table one did (see docs/performance.md), which is why
+`newest_resolved_detections` probes one row per key by construction.
 """
 
 from __future__ import annotations
@@ -161,10 +164,13 @@ def _hot_queries() -> dict[str, list[Any]]:
         "enqueue_outbox": [new, ["x.y"] * n, [""] * n, new],
         "pending_outbox": [1000],
         "delete_outbox": [list(range(1, n + 1))],
+        # Not per batch, but over the whole ledger: with nothing old enough it must
+        # read nothing, not the ledger (the retention's default age, 1,000 rows).
+        "purge_ledger": [604_800, 1000],
     }
 
 
-def _problems(node: dict[str, Any], keys: int) -> list[str]:
+def _problems(node: dict[str, Any], keys: int, limited: bool = False) -> list[str]:
     found = []
     relation = node.get("Relation Name")
     kind = node["Node Type"]
@@ -173,7 +179,7 @@ def _problems(node: dict[str, Any], keys: int) -> list[str]:
         found.append(f"{kind}: a parallel plan")
     if relation in SEEDED:
         expected = node.get("Plan Rows", 0)
-        if kind != "Seq Scan" and expected > keys * 10 + SLACK_ROWS:
+        if kind != "Seq Scan" and not limited and expected > keys * 10 + SLACK_ROWS:
             found.append(f"{kind} on {relation} expected to read {expected} rows")
         read = node.get("Actual Rows", 0) * node.get("Actual Loops", 1) + node.get(
             "Rows Removed by Filter", 0
@@ -192,7 +198,8 @@ def _problems(node: dict[str, Any], keys: int) -> list[str]:
         # E.g. every active detection of the hub, ANDed with the batch's sessions after.
         found.append(f"Bitmap Index Scan of {node['Index Name']} read {node['Actual Rows']} rows")
     for child in node.get("Plans", []):
-        found.extend(_problems(child, keys))
+        # Under a LIMIT the scan's estimate is before the limit.
+        found.extend(_problems(child, keys, limited or kind == "Limit"))
     return found
 
 
@@ -246,3 +253,22 @@ async def test_without_the_hot_path_indexes_the_plan_check_fails(
         if found and name in ("active_detections_of_sessions", "newest_resolved_detections")
     }
     assert bad, "the plan check passed the pre-0008 indexes"
+
+
+async def test_the_ledger_purge_deletes_the_oldest_rows_past_the_age(database_url: str) -> None:
+    """purge_ledger was rewritten to stay on its indexes: it still deletes what it should."""
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO processed_events (event_id, processed_at) "
+            "SELECT gen_random_uuid(), now() - make_interval(hours => g) "
+            "FROM generate_series(1, 10) AS g"
+        )
+        assert await db.purge_ledger(conn, 3.5 * 3600, 2) == 2
+        oldest = await conn.fetchval("SELECT min(processed_at) FROM processed_events")
+        assert oldest > await conn.fetchval("SELECT now() - interval '8 hours 30 minutes'")
+        assert await db.purge_ledger(conn, 3.5 * 3600, 100) == 5
+        assert await db.purge_ledger(conn, 3.5 * 3600, 100) == 0
+        assert await conn.fetchval("SELECT count(*) FROM processed_events") == 3
+    finally:
+        await conn.close()
