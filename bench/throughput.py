@@ -15,6 +15,22 @@ its own database and subject prefix, with the same events:
   measured from publish to receipt of the outbound event the event caused.
 
 Peak RSS is the worker's VmHWM, CPU seconds its user+system time.
+
+Every drain also reports, over the drain's window (first applied event to the
+last outbound event published):
+- CPU ms per event of the worker, of PostgreSQL (the postmaster and all its
+  children: /proc/<pid>/stat utime+stime, plus what exited backends left in the
+  postmaster's cutime+cstime) and of nats-server (embedded servers only);
+- the raw ceiling: a bare nats-py fetch(500)+ack loop over the same messages,
+  right after the drain, on the same servers;
+- the top statements by total time (pg_stat_statements, loaded into the
+  benchmark's own PostgreSQL with shared_preload_libraries), named after the
+  `-- name:` blocks of sql/queries.
+
+--prefill seeds the database first (the issue's 1,000,000 detections, 10 %
+active, 200,000 sessions and 5,000,000 ledger rows, times --prefill-scale) and
+drains the same events on it twice, without and with ANALYZE.
+--worker-root runs another checkout's worker (e.g. main, for a baseline).
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +57,7 @@ from uuid import uuid4
 
 import asyncpg
 import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -154,10 +171,62 @@ class Result:
     p99_ms: float | None = None
     peak_rss_mb: float = 0.0
     cpu_seconds: float = 0.0
+    # Over the drain's window: events applied in it and CPU seconds per process.
+    window_events: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)
+    raw_rate: float = 0.0
+    statements: list[Statement] = field(default_factory=list)
+    batches: int = 0
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds else 0.0
+
+    def cpu_ms_per_event(self, process: str) -> float:
+        return self.cpu[process] * 1000 / self.window_events if self.window_events else 0.0
+
+
+@dataclass
+class Statement:
+    name: str
+    calls: int
+    total_ms: float
+    rows: int
+
+    @property
+    def mean_ms(self) -> float:
+        return self.total_ms / self.calls if self.calls else 0.0
+
+
+def _ticks(pid: int) -> tuple[int, int, int]:
+    """(ppid, utime+stime, cutime+cstime) of a process, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of one live process."""
+    return _ticks(pid)[1] / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of a process and all its children, living or exited (reaped).
+
+    A child that exits between two readings moves its time from the children's
+    sum to the parent's cutime+cstime, so the difference of two readings is the
+    CPU the whole tree used in between (PostgreSQL: the postmaster and every
+    backend, the autovacuum workers, the checkpointer, the WAL writer)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid, own, reaped = _ticks(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(entry.name) == root or ppid == root:
+            total += own + reaped
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
@@ -175,7 +244,14 @@ class Stage:
     """One mode's worker: its database, prefix and child process."""
 
     def __init__(
-        self, admin_dsn: str, nats_url: str, mode: str, batch_max: int, workers: int = 1
+        self,
+        admin_dsn: str,
+        nats_url: str,
+        mode: str,
+        batch_max: int,
+        workers: int = 1,
+        worker_root: Path = ROOT,
+        template: str | None = None,
     ) -> None:
         self.mode = mode
         self.prefix = f"bench{uuid4().hex[:6]}"
@@ -185,16 +261,19 @@ class Stage:
         self.nats_url = nats_url
         self.batch_max = batch_max
         self.workers = workers
+        self.worker_root = worker_root
+        self.template = template
         self.processes: list[subprocess.Popen[bytes]] = []
         self.log = Path(tempfile.mkstemp(prefix=f"bench-{mode}-", suffix=".log")[1])
 
     async def create(self) -> None:
         admin = await asyncpg.connect(self.admin_dsn)
-        await admin.execute(f'CREATE DATABASE "{self.database}"')
+        template = f' TEMPLATE "{self.template}"' if self.template else ""
+        await admin.execute(f'CREATE DATABASE "{self.database}"{template}')
         await admin.close()
 
-    def start(self) -> None:
-        env = {
+    def env(self) -> dict[str, str]:
+        return {
             **os.environ,
             "HUB_NATS_URL": self.nats_url,
             "HUB_DATABASE_URL": self.dsn,
@@ -202,13 +281,21 @@ class Stage:
             "HUB_BATCH_MAX": str(self.batch_max),
             "HUB_HTTP_ADDR": os.environ.get("BENCH_HTTP_ADDR", ""),
             "HUB_LOG_FORMAT": "json",
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(self.worker_root),
         }
+
+    def worker_cpu_seconds(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.processes)
+
+    def start(self) -> None:
+        env = self.env()
         with self.log.open("ab") as out:
             self.processes = [
                 subprocess.Popen(
                     [sys.executable, "-m", "worker", "run"],
                     env=env,
+                    # `-m` puts the working directory first on sys.path.
+                    cwd=self.worker_root,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
@@ -235,31 +322,123 @@ class Stage:
         await admin.close()
 
 
+@dataclass
+class Servers:
+    nats_url: str
+    admin_dsn: str
+    nats_pid: int | None = None  # embedded servers only: their CPU is measured
+    postmaster_pid: int | None = None
+    statements: bool = False  # pg_stat_statements is loaded
+
+    def cpu(self) -> dict[str, float]:
+        found = {}
+        if self.postmaster_pid is not None:
+            found["postgres"] = tree_cpu_seconds(self.postmaster_pid)
+        if self.nats_pid is not None:
+            found["nats-server"] = cpu_seconds(self.nats_pid)
+        return found
+
+
 @contextmanager
-def servers() -> Iterator[tuple[str, str]]:
-    """(NATS URL, admin DSN): HUB_NATS_URL / HUB_DATABASE_URL, or embedded servers for
-    what is not given (BENCH_PG_OPTIONS: extra PostgreSQL settings as JSON)."""
+def servers() -> Iterator[Servers]:
+    """HUB_NATS_URL / HUB_DATABASE_URL, or embedded servers for what is not given
+    (BENCH_PG_OPTIONS: extra PostgreSQL settings as JSON). The embedded PostgreSQL
+    preloads pg_stat_statements."""
     scratch = Path(tempfile.mkdtemp(prefix="hub-bench-"))
     started: list[EmbeddedNats | EmbeddedPostgres] = []
     try:
         nats_url = os.environ.get("HUB_NATS_URL")
+        nats_pid = postmaster_pid = None
         if not nats_url:
             embedded_nats = EmbeddedNats(scratch / "nats")
             nats_url = embedded_nats.start()
             started.append(embedded_nats)
+            assert embedded_nats.process is not None
+            nats_pid = embedded_nats.process.pid
         admin_dsn = os.environ.get("HUB_DATABASE_URL")
         if not admin_dsn:
             extra = json.loads(os.environ.get("BENCH_PG_OPTIONS", "{}"))
             embedded_pg = EmbeddedPostgres(
-                scratch / "postgres", options={"max_connections": "200", **extra}
+                scratch / "postgres",
+                options={
+                    "max_connections": "200",
+                    "shared_preload_libraries": "pg_stat_statements",
+                    "pg_stat_statements.max": "2000",
+                    **extra,
+                },
             )
             admin_dsn = embedded_pg.start()
             started.append(embedded_pg)
-        yield nats_url, admin_dsn
+            pid_file = embedded_pg.data_dir / "postmaster.pid"
+            postmaster_pid = int(pid_file.read_text().split()[0])
+        yield Servers(nats_url, admin_dsn, nats_pid, postmaster_pid)
     finally:
         for server in reversed(started):
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def enable_statements(srv: Servers) -> None:
+    admin = await asyncpg.connect(srv.admin_dsn)
+    try:
+        await admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await admin.fetchval("SELECT count(*) FROM pg_stat_statements")
+        srv.statements = True
+    except asyncpg.PostgresError as err:
+        print(f"pg_stat_statements unavailable ({err}): no statement table", flush=True)
+    finally:
+        await admin.close()
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).rstrip(";")
+
+
+def query_names(worker_root: Path) -> list[tuple[str, str]]:
+    """(normalised text, name) of every `-- name:` block of a checkout's sql/queries."""
+    found = []
+    for path in sorted((worker_root / "sql" / "queries").glob("*.sql")):
+        name = None
+        lines: list[str] = []
+        for line in [*path.read_text().splitlines(), "-- name: _end"]:
+            if line.startswith("-- name:"):
+                if name is not None:
+                    found.append((_normal("\n".join(lines)), name))
+                name, lines = line.split(":", 1)[1].strip(), []
+            elif not line.startswith("--"):
+                lines.append(line)
+    return found
+
+
+async def top_statements(
+    srv: Servers, database: str, worker_root: Path, limit: int = 10
+) -> list[Statement]:
+    admin = await asyncpg.connect(srv.admin_dsn)
+    try:
+        rows = await admin.fetch(
+            "SELECT query, calls, total_exec_time, rows FROM pg_stat_statements "
+            "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1) "
+            "ORDER BY total_exec_time DESC",
+            database,
+        )
+    finally:
+        await admin.close()
+    names = query_names(worker_root)
+    found = []
+    for r in rows:
+        text = _normal(r["query"])
+        name = next((n for body, n in names if body == text), None) or next(
+            (n for body, n in names if body and text.startswith(body[:80])), None
+        )
+        found.append(Statement(name or text[:40], r["calls"], r["total_exec_time"], r["rows"]))
+    return found
+
+
+async def reset_statements(srv: Servers) -> None:
+    if srv.statements:
+        admin = await asyncpg.connect(srv.admin_dsn)
+        await admin.execute("SELECT pg_stat_statements_reset()")
+        await admin.close()
 
 
 async def wait_for_streams(js: object, prefix: str) -> None:
@@ -275,34 +454,120 @@ async def wait_for_streams(js: object, prefix: str) -> None:
     raise RuntimeError("the worker did not create its streams")
 
 
-async def drain(
-    admin_dsn: str, nats_url: str, mode: str, batch_max: int, events: list[Event], workers: int = 1
-) -> Result:
-    stage = Stage(admin_dsn, nats_url, mode, batch_max, workers)
-    await stage.create()
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream(timeout=30)
+async def outstanding(js: object, stream: str) -> int | None:
+    """Messages of the stream not yet acked by the worker's lane consumers."""
     try:
+        infos = await js.consumers_info(stream)  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    lanes = [i for i in infos if not i.name.startswith("raw")]
+    if not lanes:
+        return None
+    return sum(i.num_pending + i.num_ack_pending for i in lanes)
+
+
+async def raw_ceiling(js: object, stream: str, count: int) -> float:
+    """msgs/s of a bare fetch(500)+ack loop over the stream's first `count` messages."""
+    name = f"raw{uuid4().hex[:6]}"
+    await js.add_consumer(  # type: ignore[attr-defined]
+        stream,
+        ConsumerConfig(
+            durable_name=name,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=10_000,
+        ),
+    )
+    sub = await js.pull_subscribe_bind(durable=name, stream=stream)  # type: ignore[attr-defined]
+    got = 0
+    began = time.perf_counter()
+    try:
+        while got < count:
+            msgs = await sub.fetch(500, timeout=5)
+            for msg in msgs:
+                await msg.ack()
+            got += len(msgs)
+        return got / (time.perf_counter() - began)
+    finally:
+        await sub.unsubscribe()
+        await js.delete_consumer(stream, name)  # type: ignore[attr-defined]
+
+
+async def drain(
+    srv: Servers,
+    mode: str,
+    batch_max: int,
+    events: list[Event],
+    workers: int = 1,
+    worker_root: Path = ROOT,
+    template: str | None = None,
+    analyze: bool = False,
+) -> Result:
+    stage = Stage(srv.admin_dsn, srv.nats_url, mode, batch_max, workers, worker_root, template)
+    await stage.create()
+    nc = await nats.connect(srv.nats_url)
+    js = nc.jetstream(timeout=30)
+    stream = f"{stage.prefix.upper()}_EVENTS"
+    try:
+        conn = await asyncpg.connect(stage.dsn)
+        if template is not None:
+            # A copy of the prefilled database: no statistics unless analysed here.
+            for table in ("sessions", "detections", "processed_events", "mappings"):
+                await conn.execute(f"ALTER TABLE {table} RESET (autovacuum_enabled)")
+            if analyze:
+                await conn.execute("ANALYZE")
         # Create the streams with a first short run, then publish the backlog.
         stage.start()
         await wait_for_streams(js, stage.prefix)
         stage.stop()
         await publish(js, stage.prefix, events)
-        conn = await asyncpg.connect(stage.dsn)
+        first_ids = [str(e.body["eventId"]) for e in events[:2000]]
+        all_ids = [str(e.body["eventId"]) for e in events]
+        await reset_statements(srv)
         stage.start()
-        started = None
-        while True:
-            applied = await conn.fetchval("SELECT count(*) FROM processed_events")
-            if started is None and applied:
-                started = time.perf_counter()
-            if applied >= len(events) and await conn.fetchval("SELECT count(*) FROM outbox") == 0:
+        first_applied = "SELECT EXISTS (SELECT 1 FROM processed_events WHERE event_id = ANY($1))"
+        while True:  # polling another process's progress
+            if await conn.fetchval(first_applied, first_ids):
                 break
-            await asyncio.sleep(0.02)
-        assert started is not None
-        elapsed = time.perf_counter() - started
+            await asyncio.sleep(0.005)
+        started = time.perf_counter()
+        before = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+        left_at_start = await outstanding(js, stream) or len(events)
+        while True:
+            await asyncio.sleep(0.05)
+            if await outstanding(js, stream) != 0:
+                continue
+            if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM outbox)"):
+                continue
+            elapsed = time.perf_counter() - started
+            after = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+            applied = await conn.fetchval(
+                "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::uuid[])",
+                all_ids,
+            )
+            if applied >= len(events):
+                break
         rss, cpu = stage.stop()
+        statements = (
+            await top_statements(srv, stage.database, worker_root) if srv.statements else []
+        )
+        batches = next(
+            (s.calls for s in statements if s.name in ("transaction_now", "batch_start")), 0
+        )
         await conn.close()
-        return Result(mode, len(events), elapsed, peak_rss_mb=rss, cpu_seconds=cpu)
+        raw = await raw_ceiling(js, stream, len(events))
+        return Result(
+            mode,
+            len(events),
+            elapsed,
+            peak_rss_mb=rss,
+            cpu_seconds=cpu,
+            window_events=left_at_start,
+            cpu={k: after[k] - before[k] for k in after},
+            raw_rate=raw,
+            statements=statements,
+            batches=batches,
+        )
     finally:
         stage.kill()
         await nc.close()
@@ -310,11 +575,16 @@ async def drain(
 
 
 async def offered_rate(
-    admin_dsn: str, nats_url: str, mode: str, batch_max: int, events: list[Event], rate: int
+    srv: Servers,
+    mode: str,
+    batch_max: int,
+    events: list[Event],
+    rate: int,
+    worker_root: Path = ROOT,
 ) -> Result:
-    stage = Stage(admin_dsn, nats_url, mode, batch_max)
+    stage = Stage(srv.admin_dsn, srv.nats_url, mode, batch_max, worker_root=worker_root)
     await stage.create()
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(srv.nats_url)
     js = nc.jetstream(timeout=30)
     published: dict[str, float] = {}
     latencies: list[float] = []
@@ -356,6 +626,82 @@ async def offered_rate(
         await stage.drop()
 
 
+PREFILL_SQL = """
+INSERT INTO spokes (id) SELECT 'pre-spoke-' || g FROM generate_series(0, 19) AS g;
+INSERT INTO sessions (id, spoke_id, status, last_activity_at, ended_at, archived_at)
+SELECT 'pre-sess-' || g, 'pre-spoke-' || (g % 20),
+       CASE WHEN g % 10 = 0 THEN 'active' ELSE 'completed' END,
+       now() - make_interval(secs => g % 86400),
+       CASE WHEN g % 10 = 0 THEN NULL ELSE now() - make_interval(secs => g % 86400) END,
+       CASE WHEN g % 10 < 7 AND g % 10 <> 0 THEN now() - make_interval(secs => g % 86400) END
+FROM generate_series(1, $1::int) AS g;
+INSERT INTO mappings (id, session_id, spoke_id, status)
+SELECT 'pre-map-' || g, 'pre-sess-' || g, 'pre-spoke-' || (g % 20),
+       CASE WHEN g % 10 = 0 THEN 'active' ELSE 'completed' END
+FROM generate_series(1, $1::int) AS g;
+-- One detection in ten active (of an active session), each with its own key;
+-- the resolved ones share keys three by three (a key resolved, reopened, resolved).
+INSERT INTO detections (id, session_id, anomaly_type, severity, details, dedup_key,
+                        occurrence_count, created_at, updated_at, resolved_at, resolution)
+SELECT 'pre-det-' || g,
+       'pre-sess-' || CASE WHEN g % 10 = 0 THEN (g / 10 % ($1::int / 10)) * 10 + 10
+                           ELSE g % $1::int + 1 END,
+       'model_degradation', 'low', '{"n": 1}'::jsonb,
+       md5(CASE WHEN g % 10 = 0 THEN 'active-' || g ELSE 'resolved-' || (g / 3) END),
+       1 + g % 7, now() - interval '2 days', now() - interval '1 day',
+       CASE WHEN g % 10 = 0 THEN NULL ELSE now() - make_interval(secs => g % 86400) END,
+       CASE WHEN g % 10 = 0 THEN NULL ELSE 'auto_resolved' END
+FROM generate_series(1, $2::int) AS g;
+INSERT INTO processed_events (event_id, processed_at)
+SELECT gen_random_uuid(), now() - make_interval(secs => g % 3600)
+FROM generate_series(1, $3::int) AS g;
+"""
+
+
+async def prefill(srv: Servers, worker_root: Path, scale: float) -> tuple[str, str]:
+    """A migrated database seeded with the issue's rows times `scale`, vacuumed but not
+    analysed, autovacuum off on the seeded tables (each copy turns it back on)."""
+    name = f"bench_prefill_{uuid4().hex[:6]}"
+    admin = await asyncpg.connect(srv.admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    dsn = urlunsplit(urlsplit(srv.admin_dsn)._replace(path=f"/{name}"))
+    subprocess.run(  # noqa: ASYNC221 (nothing else runs meanwhile)
+        [sys.executable, "-m", "worker", "migrate"],
+        env={**os.environ, "HUB_DATABASE_URL": dsn, "PYTHONPATH": str(worker_root)},
+        cwd=worker_root,
+        check=True,
+        capture_output=True,
+    )
+    sessions, detections, ledger = (
+        int(200_000 * scale),
+        int(1_000_000 * scale),
+        int(5_000_000 * scale),
+    )
+    began = time.perf_counter()
+    conn = await asyncpg.connect(dsn)
+    try:
+        for table in ("sessions", "detections", "processed_events", "mappings"):
+            await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        script = PREFILL_SQL
+        for placeholder, size in (("$1", sessions), ("$2", detections), ("$3", ledger)):
+            script = script.replace(placeholder, str(size))
+        await conn.execute(script)
+        # VACUUM, not ANALYZE: hint bits and the visibility map set as in a database
+        # that has been running (a first read would otherwise write every page),
+        # but no column statistics.
+        for table in ("sessions", "mappings", "detections", "processed_events"):
+            await conn.execute(f"VACUUM {table}")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    summary = (
+        f"prefilled {detections} detections ({detections // 10} active), {sessions} sessions, "
+        f"{ledger} ledger rows in {time.perf_counter() - began:.0f} s"
+    )
+    return name, summary
+
+
 def table(rows: list[Result], title: str, rate_col: bool = True) -> str:
     lines = [
         title,
@@ -367,6 +713,43 @@ def table(rows: list[Result], title: str, rate_col: bool = True) -> str:
         lines.append(
             f"{r.mode:<14}{r.events:>9}{(r.rate if rate_col else r.events / r.seconds):>11.0f}{p50:>9}{p99:>9}"
             f"{r.peak_rss_mb:>13.0f}{r.cpu_seconds:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(rows: list[Result]) -> str:
+    lines = [
+        "CPU ms per event over each drain's window (first applied event to the last relayed)",
+        f"{'mode':<22}{'events':>9}{'events/s':>10}{'raw/s':>8}{'ratio':>7}"
+        f"{'worker':>8}{'postgres':>10}{'nats':>7}{'total':>7}{'stmts/batch':>12}",
+    ]
+    for r in rows:
+        worker, pg, ns = (
+            r.cpu_ms_per_event(p) if p in r.cpu else float("nan")
+            for p in ("worker", "postgres", "nats-server")
+        )
+        total = sum(r.cpu_ms_per_event(p) for p in r.cpu)
+        calls = sum(s.calls for s in r.statements)
+        per_batch = f"{calls / r.batches:.1f}" if r.batches else "-"
+        lines.append(
+            f"{r.mode:<22}{r.window_events:>9}{r.rate:>10.0f}{r.raw_rate:>8.0f}"
+            f"{r.rate / r.raw_rate if r.raw_rate else 0:>7.2f}"
+            f"{worker:>8.3f}{pg:>10.3f}{ns:>7.3f}{total:>7.3f}{per_batch:>12}"
+        )
+    return "\n".join(lines)
+
+
+def statements_table(r: Result, limit: int = 10) -> str:
+    total = sum(s.total_ms for s in r.statements) or 1.0
+    lines = [
+        f"top statements of {r.mode} by total time ({r.batches} batches, "
+        f"{total / 1000:.1f} s in all)",
+        f"{'statement':<34}{'calls':>8}{'total ms':>10}{'share':>7}{'ms/call':>9}{'rows/call':>10}",
+    ]
+    for s in r.statements[:limit]:
+        lines.append(
+            f"{s.name[:33]:<34}{s.calls:>8}{s.total_ms:>10.0f}{s.total_ms / total:>7.0%}"
+            f"{s.mean_ms:>9.3f}{s.rows / s.calls if s.calls else 0:>10.1f}"
         )
     return "\n".join(lines)
 
@@ -390,42 +773,74 @@ async def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="also drain with this many worker processes at once"
     )
+    parser.add_argument(
+        "--prefill",
+        action="store_true",
+        help="also drain on a prefilled database, without and with ANALYZE",
+    )
+    parser.add_argument(
+        "--prefill-scale",
+        type=float,
+        default=1.0,
+        help="scale of the prefill (1.0: 1,000,000 detections, 200,000 sessions, "
+        "5,000,000 ledger rows)",
+    )
+    parser.add_argument(
+        "--worker-root",
+        type=Path,
+        default=ROOT,
+        help="the checkout whose worker (and sql/) runs, e.g. a worktree of main",
+    )
+    parser.add_argument("--statements", type=int, default=10, help="top statements shown")
     args = parser.parse_args()
+    root = args.worker_root.resolve()
 
-    with servers() as (nats_url, admin_dsn):
+    with servers() as srv:
+        await enable_statements(srv)
         events = generate(max(args.events, args.baseline_events))
         kinds = {"signal": sum(e.tail.startswith("signal.") for e in events)}
         print(
             f"generated {len(events)} events: {kinds['signal']} signals, "
             f"{len(events) - kinds['signal']} lifecycle, "
-            f"{len({e.session for e in events})} sessions",
+            f"{len({e.session for e in events})} sessions; worker from {root}",
             flush=True,
         )
 
-        rows = [
-            await drain(
-                admin_dsn,
-                nats_url,
-                f"batched({args.batch_max})",
-                args.batch_max,
-                events[: args.events],
-            )
-        ]
+        batched = f"batched({args.batch_max})"
+        rows = [await drain(srv, batched, args.batch_max, events[: args.events], worker_root=root)]
         if not args.skip_baseline:
             rows.append(
-                await drain(admin_dsn, nats_url, "per-message", 1, events[: args.baseline_events])
+                await drain(srv, "per-message", 1, events[: args.baseline_events], worker_root=root)
             )
         if args.workers > 1:
             rows.append(
                 await drain(
-                    admin_dsn,
-                    nats_url,
+                    srv,
                     f"{args.workers}x batched",
                     args.batch_max,
                     events[: args.events],
                     args.workers,
+                    worker_root=root,
                 )
             )
+        if args.prefill:
+            template, summary = await prefill(srv, root, args.prefill_scale)
+            print(summary, flush=True)
+            for analyze in (False, True):
+                rows.append(
+                    await drain(
+                        srv,
+                        f"prefilled{', analyzed' if analyze else ''}",
+                        args.batch_max,
+                        events[: args.events],
+                        worker_root=root,
+                        template=template,
+                        analyze=analyze,
+                    )
+                )
+            admin = await asyncpg.connect(srv.admin_dsn)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{template}"')
+            await admin.close()
         print()
         print(
             table(rows, "drain: a backlog published first, then applied and relayed (end to end)")
@@ -433,23 +848,22 @@ async def main() -> None:
         baseline = next((r for r in rows if r.mode == "per-message"), None)
         if baseline is not None:
             print(f"ratio batched / per-message: {rows[0].rate / baseline.rate:.1f}x")
+        print()
+        print(cpu_table(rows))
+        for r in rows:
+            if r.statements:
+                print()
+                print(statements_table(r, args.statements))
 
         if args.rate:
             count = args.rate * args.seconds
             sample = generate(count, seed=2)
             latency_rows = [
-                await offered_rate(
-                    admin_dsn,
-                    nats_url,
-                    f"batched({args.batch_max})",
-                    args.batch_max,
-                    sample,
-                    args.rate,
-                )
+                await offered_rate(srv, batched, args.batch_max, sample, args.rate, root)
             ]
             if not args.skip_baseline:
                 latency_rows.append(
-                    await offered_rate(admin_dsn, nats_url, "per-message", 1, sample, args.rate)
+                    await offered_rate(srv, "per-message", 1, sample, args.rate, root)
                 )
             print()
             print(

@@ -134,11 +134,9 @@ class Queries:
     upsert_account: str
     list_accounts: str
     # batch.sql
-    transaction_now: str
-    applied_events: str
+    batch_start: str
     create_new_sessions: str
     lock_sessions: str
-    session_mappings: str
     active_detections_of_sessions: str
     newest_resolved_detections: str
     record_events: str
@@ -730,6 +728,23 @@ def _session_row(r: asyncpg.Record) -> SessionRow:
     )
 
 
+def _mapping_row(r: asyncpg.Record) -> MappingRow:
+    """The mapping columns (m_…) of a lock_sessions row."""
+    return MappingRow(
+        r["m_id"],
+        r["id"],
+        r["m_spoke_id"],
+        r["m_workspace_id"],
+        r["m_parent_session_id"],
+        r["m_task_id"],
+        r["m_task"],
+        r["m_status"],
+        r["m_metadata"],
+        r["m_created_at"],
+        r["m_updated_at"],
+    )
+
+
 async def load_snapshot(
     conn: Connection,
     event_ids: list[UUID],
@@ -742,15 +757,17 @@ async def load_snapshot(
     event: the owner of a session this creates.
     """
     q = queries()
-    now = await conn.fetchval(q.transaction_now)
-    applied = {r["event_id"] for r in await conn.fetch(q.applied_events, event_ids)}
+    start = await conn.fetchrow(q.batch_start, event_ids)
+    assert start is not None
+    now, applied = start["now"], set(start["applied"])
     session_ids = sorted(first_spokes)
     await conn.execute(q.create_new_sessions, session_ids, [first_spokes[s] for s in session_ids])
-    sessions = {r["id"]: _session_row(r) for r in await conn.fetch(q.lock_sessions, session_ids)}
-    mappings = {
-        r["session_id"]: MappingRow(**dict(r))
-        for r in await conn.fetch(q.session_mappings, session_ids)
-    }
+    sessions: dict[str, SessionRow] = {}
+    mappings: dict[str, MappingRow] = {}
+    for r in await conn.fetch(q.lock_sessions, session_ids):
+        sessions[r["id"]] = _session_row(r)
+        if r["m_id"] is not None:
+            mappings[r["id"]] = _mapping_row(r)
     active = {
         r["dedup_key"]: DetectionRow(**dict(r))
         for r in await conn.fetch(q.active_detections_of_sessions, session_ids)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import structlog
@@ -115,12 +117,15 @@ class MessageHandler:
                     messages=len(messages),
                     error=_described(err),
                 )
-                return [
+                alone = [
                     await self._handle_alone(conn, message, started, release)
                     for message in messages
                 ]
+                self._log_batch(msgs, alone, started)
+                return alone
         for message, handled in zip(messages, outcomes, strict=True):
             await self._settle(message, handled, started)
+        self._log_batch(msgs, outcomes, started)
         return outcomes
 
     async def _handle_alone(
@@ -354,13 +359,33 @@ class MessageHandler:
             self.metrics.events.labels(message.kind, "requeued").inc()
             self._log(message, "requeued", started)
 
+    def _log_batch(self, msgs: list[Msg], outcomes: list[Handled], started: float) -> None:
+        """One INFO line per fetched batch: its size, lane, duration and outcomes."""
+        log.info(
+            "batch",
+            action="batch.handled",
+            lane=msgs[0].metadata.consumer if msgs else None,
+            messages=len(msgs),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            outcomes=dict(Counter(h.outcome for h in outcomes)),
+        )
+
     def _log(
         self, message: _Message, outcome: str, started: float, reason: str | None = None
     ) -> None:
-        """The canonical line of one message."""
+        """The canonical line of one message: DEBUG when it was simply applied (the
+        batch's INFO line counts it), INFO for anything else, WARNING for a dead letter."""
+        if outcome == "applied":
+            if not log.is_enabled_for(logging.DEBUG):
+                return  # nor build the line (Msg.metadata parses the reply subject)
+            emit = log.debug
+        elif outcome == "dead_lettered":
+            emit = log.warning
+        else:
+            emit = log.info
         event = message.intake.event if message.intake else None
         meta = message.msg.metadata
-        log.info(
+        emit(
             "event",
             action="event.handled",
             outcome=outcome,

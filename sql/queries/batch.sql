@@ -4,12 +4,11 @@
 -- Keys are written in sorted order so that concurrent workers lock shared rows
 -- (spokes, workspaces, tasks, parent sessions) in the same order.
 
--- name: transaction_now
--- The transaction's clock: every "now" of the batch, and the stall sweep's.
-SELECT now();
-
--- name: applied_events
-SELECT event_id FROM processed_events WHERE event_id = ANY($1::uuid[]);
+-- name: batch_start
+-- The transaction's clock (every "now" of the batch), and which of the batch's
+-- eventIds the ledger has already: one round trip.
+SELECT now() AS now,
+       ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY($1::uuid[])) AS applied;
 
 -- name: create_new_sessions
 -- Sessions seen for the first time are created (with the spoke of their first
@@ -32,15 +31,17 @@ ON CONFLICT (id) DO NOTHING;
 -- Every change to a session, its mapping and its detections serialises on this
 -- row lock. NO KEY UPDATE: it does not block the key-share locks that foreign
 -- keys take, so a mapping naming this session as its parent does not wait.
-SELECT id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata
-FROM sessions WHERE id = ANY($1::text[])
-ORDER BY id
-FOR NO KEY UPDATE;
-
--- name: session_mappings
-SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
-       metadata, created_at, updated_at
-FROM mappings WHERE session_id = ANY($1::text[]);
+-- The session's mapping (if any) comes along, read under that lock: its m_
+-- columns are null when it has none. Only the session rows are locked.
+SELECT s.id, s.spoke_id, s.status, s.last_activity_at, s.ended_at, s.archived_at, s.metadata,
+       m.id AS m_id, m.spoke_id AS m_spoke_id, m.workspace_id AS m_workspace_id,
+       m.parent_session_id AS m_parent_session_id, m.task_id AS m_task_id, m.task AS m_task,
+       m.status AS m_status, m.metadata AS m_metadata, m.created_at AS m_created_at,
+       m.updated_at AS m_updated_at
+FROM sessions AS s LEFT JOIN mappings AS m ON m.session_id = s.id
+WHERE s.id = ANY($1::text[])
+ORDER BY s.id
+FOR NO KEY UPDATE OF s;
 
 -- name: active_detections_of_sessions
 SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
@@ -50,12 +51,19 @@ ORDER BY id
 FOR NO KEY UPDATE;
 
 -- name: newest_resolved_detections
--- Per dedup key, the detection resolved last: what late news counts on.
-SELECT DISTINCT ON (dedup_key)
-       id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
-       created_at, updated_at, resolved_at, resolved_by, resolution
-FROM detections WHERE dedup_key = ANY($1::text[]) AND resolved_at IS NOT NULL
-ORDER BY dedup_key, resolved_at DESC, created_at DESC;
+-- Per dedup key, the detection resolved last: what late news counts on. One
+-- index probe per key (LIMIT 1 in idx_detections_resolved_by_key's order), so
+-- that no plan, with statistics or without, reads more than a row per key.
+SELECT d.id, d.session_id, d.anomaly_type, d.severity, d.details, d.dedup_key,
+       d.occurrence_count, d.created_at, d.updated_at, d.resolved_at, d.resolved_by,
+       d.resolution
+FROM unnest($1::text[]) AS k (dedup_key)
+CROSS JOIN LATERAL (
+    SELECT * FROM detections
+    WHERE detections.dedup_key = k.dedup_key AND resolved_at IS NOT NULL
+    ORDER BY resolved_at DESC, created_at DESC
+    LIMIT 1
+) AS d;
 
 -- name: record_events
 -- The once-only ledger; fewer rows back than given means another transaction

@@ -16,13 +16,18 @@ WHERE locktype = 'advisory' AND granted AND objsubid = 2
   AND classid::bigint = $1 AND objid::bigint >= $2 AND objid::bigint < $3;
 
 -- name: purge_ledger
--- Forget eventIds the stream can no longer redeliver, a bounded batch at a time.
+-- Forget eventIds the stream can no longer redeliver, a bounded batch at a time,
+-- oldest first. The ORDER BY keeps it on idx_processed_events_processed_at: with
+-- a bare LIMIT the planner hoped a sequential scan would find old rows early,
+-- and read the whole ledger when there were none; = ANY (ARRAY(…)) deletes
+-- through the primary key rather than joining against a scan of the ledger.
 DELETE FROM processed_events
-WHERE event_id IN (
+WHERE event_id = ANY (ARRAY(
     SELECT event_id FROM processed_events
     WHERE processed_at < now() - make_interval(secs => $1)
+    ORDER BY processed_at
     LIMIT $2
-);
+));
 
 -- name: writable
 -- Readiness: a standby (or a database set to default_transaction_read_only) answers

@@ -98,7 +98,7 @@ async def test_two_worker_processes_split_the_work_with_exact_results(hub: Hub) 
     assert first.terminate() == 0
     assert second.terminate() == 0
     for worker in (first, second):
-        assert '"action": "event.handled"' in worker.log(), "both workers must have done work"
+        assert '"action": "batch.handled"' in worker.log(), "both workers must have done work"
 
 
 async def test_worker_killed_mid_stream_and_restarted_loses_nothing(hub: Hub) -> None:

@@ -1,0 +1,274 @@
+"""What a batch costs must not grow with the tables (issue 13).
+
+The tables are seeded with tens of thousands of rows, then every hot-path query
+is planned as asyncpg's prepared statements get it after a few runs: the
+generic plan (`plan_cache_mode = force_generic_plan`), which cannot see how few
+sessions `session_id = ANY($1)` names. Each is run with EXPLAIN ANALYZE (and
+rolled back) on a batch's worth of keys; a plan fails on a sequential scan of a
+seeded table, on an index scan that reads (or is expected to read) far more rows
+than the batch has (an index walked for its order and filtered, as
+`idx_detections_resolved_at` was for the active detections of a batch's
+sessions), and on a parallel plan. At these sizes no plan goes parallel; on an
+unanalysed 1,000,000-row table one did (see docs/performance.md), which is why
+`newest_resolved_detections` probes one row per key by construction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from worker import db
+
+SESSIONS = 20_000
+DETECTIONS = 60_000
+LEDGER = 100_000
+BATCH = 100
+SEEDED = {"sessions", "mappings", "detections", "processed_events", "spokes"}
+# An index scan of a seeded table may read (return or filter out) at most this
+# many rows more than a batch's worth for each key of the batch.
+SLACK_ROWS = 500
+
+SEED = """
+INSERT INTO spokes (id) SELECT 'spoke-' || g FROM generate_series(0, 19) AS g;
+INSERT INTO sessions (id, spoke_id, status, last_activity_at, ended_at, archived_at)
+SELECT 's-' || g, 'spoke-' || (g % 20),
+       CASE WHEN g % 10 = 0 THEN 'active' ELSE 'completed' END,
+       now() - make_interval(secs => g),
+       CASE WHEN g % 10 = 0 THEN NULL ELSE now() END,
+       CASE WHEN g % 10 BETWEEN 1 AND 6 THEN now() END
+FROM generate_series(1, $1::int) AS g;
+INSERT INTO mappings (id, session_id, spoke_id, status)
+SELECT 'm-' || g, 's-' || g, 'spoke-' || (g % 20), 'completed'
+FROM generate_series(1, $1::int) AS g;
+INSERT INTO detections (id, session_id, anomaly_type, severity, details, dedup_key,
+                        created_at, resolved_at, resolution)
+SELECT 'd-' || g,
+       's-' || CASE WHEN g % 10 < $4::int THEN (g % ($1::int / 10)) * 10 + 10
+                    ELSE g % $1::int + 1 END,
+       'model_degradation', 'low', '{}'::jsonb,
+       CASE WHEN g % 10 < $4::int THEN 'active-' || g ELSE 'resolved-' || (g / 3) END,
+       now() - make_interval(secs => g),
+       CASE WHEN g % 10 < $4::int THEN NULL ELSE now() - make_interval(secs => g) END,
+       CASE WHEN g % 10 < $4::int THEN NULL ELSE 'auto_resolved' END
+FROM generate_series(1, $2::int) AS g;
+INSERT INTO processed_events (event_id) SELECT gen_random_uuid() FROM generate_series(1, $3::int);
+"""
+
+
+@pytest.fixture(params=[1, 7], ids=["10%-active", "70%-active"])
+async def seeded(
+    database_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[asyncpg.Connection]:
+    """The prefill's shape (one detection in ten active) and a drain's (most of them)."""
+    conn = await db.connect(database_url)
+    try:
+        sizes = {
+            "$1::int": SESSIONS,
+            "$2::int": DETECTIONS,
+            "$3::int": LEDGER,
+            "$4::int": request.param,
+        }
+        script = SEED
+        for placeholder, size in sizes.items():
+            script = script.replace(placeholder, str(size))
+        await conn.execute(script)
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _literal(value: Any) -> str:
+    """A parameter as an untyped SQL literal (the prepared statement's types apply)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, list):
+        items = ",".join("NULL" if v is None else json.dumps(str(v)) for v in value)
+        return "'{" + items.replace("'", "''") + "}'"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _hot_queries() -> dict[str, list[Any]]:
+    """Every query a batch (and the relay) runs, with a batch's worth of parameters."""
+    sessions = [f"s-{n}" for n in range(10, 10 * BATCH + 10, 10)]  # live ones
+    spokes = [f"spoke-{int(s[2:]) % 20}" for s in sessions]
+    now = datetime.now(UTC).isoformat()
+    active = [f"d-{n}" for n in range(10, 10 * BATCH + 10, 10)]
+    keys = [f"resolved-{n}" for n in range(1, BATCH + 1)] + [f"new-{n}" for n in range(BATCH)]
+    events = [str(uuid4()) for _ in range(BATCH)]
+    n = BATCH
+    new = [str(uuid4()) for _ in range(n)]
+    return {
+        "batch_start": [events],
+        "create_new_sessions": [[*sessions[:50], *(f"n-{i}" for i in range(50))], spokes],
+        "lock_sessions": [sessions],
+        "active_detections_of_sessions": [sessions],
+        "newest_resolved_detections": [keys],
+        "record_events": [events],
+        "ensure_spokes": [sorted(set(spokes))],
+        "ensure_workspaces": [["w-1"]],
+        "ensure_tasks": [["t-1"]],
+        "ensure_parent_sessions": [sessions[:5]],
+        "upsert_sessions": [
+            sessions,
+            spokes,
+            ["active"] * n,
+            [now] * n,
+            [None] * n,
+            [None] * n,
+            ['{"k": 1}'] * n,
+        ],
+        "upsert_mappings": [
+            [f"m-{s[2:]}" for s in sessions],
+            sessions,
+            spokes,
+            [None] * n,
+            [None] * n,
+            [None] * n,
+            [None] * n,
+            ["completed"] * n,
+            [None] * n,
+            [now] * n,
+            [now] * n,
+        ],
+        "update_detections": [
+            active,
+            ["high"] * n,
+            ['{"n": 2}'] * n,
+            [2] * n,
+            [now] * n,
+            [None] * n,
+            [None] * n,
+            [None] * n,
+        ],
+        "insert_detections": [
+            new,
+            sessions,
+            ["model_degradation"] * n,
+            ["low"] * n,
+            ["{}"] * n,
+            [f"new-{i}" for i in range(n)],
+            [1] * n,
+            [now] * n,
+            [now] * n,
+            [None] * n,
+            [None] * n,
+            [None] * n,
+        ],
+        "enqueue_outbox": [new, ["x.y"] * n, [""] * n, new],
+        "pending_outbox": [1000],
+        "delete_outbox": [list(range(1, n + 1))],
+        # Not per batch, but over the whole ledger: with nothing old enough it must
+        # read nothing, not the ledger (the retention's default age, 1,000 rows).
+        "purge_ledger": [604_800, 1000],
+    }
+
+
+def _problems(node: dict[str, Any], keys: int, limited: bool = False) -> list[str]:
+    found = []
+    relation = node.get("Relation Name")
+    kind = node["Node Type"]
+    if kind in ("Gather", "Gather Merge"):
+        # Parallel workers for a batch: the planner expects to read far too much.
+        found.append(f"{kind}: a parallel plan")
+    if relation in SEEDED:
+        expected = node.get("Plan Rows", 0)
+        if kind != "Seq Scan" and not limited and expected > keys * 10 + SLACK_ROWS:
+            found.append(f"{kind} on {relation} expected to read {expected} rows")
+        read = node.get("Actual Rows", 0) * node.get("Actual Loops", 1) + node.get(
+            "Rows Removed by Filter", 0
+        )
+        if kind == "Seq Scan":
+            found.append(f"Seq Scan on {relation}")
+        elif kind in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"):
+            if kind != "Bitmap Heap Scan" and "Index Cond" not in node:
+                found.append(f"{kind} of {node.get('Index Name')} without a condition")
+            elif read > keys * 10 + SLACK_ROWS:
+                found.append(
+                    f"{kind} on {relation} ({node.get('Index Name', 'bitmap')}) "
+                    f"read {read} rows for {keys} keys"
+                )
+    if kind == "Bitmap Index Scan" and node.get("Actual Rows", 0) > keys * 10 + SLACK_ROWS:
+        # E.g. every active detection of the hub, ANDed with the batch's sessions after.
+        found.append(f"Bitmap Index Scan of {node['Index Name']} read {node['Actual Rows']} rows")
+    for child in node.get("Plans", []):
+        # Under a LIMIT the scan's estimate is before the limit.
+        found.extend(_problems(child, keys, limited or kind == "Limit"))
+    return found
+
+
+async def plan_problems(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    """Per hot query, what is wrong with its generic plan (empty: nothing)."""
+    q = db.queries()
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    found: dict[str, list[str]] = {}
+    for name, params in _hot_queries().items():
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            await conn.execute(f"PREPARE hot AS {getattr(q, name).rstrip().rstrip(';')}")
+            args = ", ".join(_literal(p) for p in params)
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE hot({args})")
+        finally:
+            await tr.rollback()
+        await conn.execute("DEALLOCATE hot")
+        found[name] = _problems(json.loads(plan)[0]["Plan"], BATCH * 2)
+    return found
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["no-statistics", "analyzed"])
+async def test_hot_queries_read_only_the_batchs_rows(
+    seeded: asyncpg.Connection, analyzed: bool
+) -> None:
+    if analyzed:
+        await seeded.execute("ANALYZE")
+    problems = {name: p for name, p in (await plan_problems(seeded)).items() if p}
+    assert problems == {}
+
+
+async def test_without_the_hot_path_indexes_the_plan_check_fails(
+    seeded: asyncpg.Connection,
+) -> None:
+    """The negative control: the indexes before migration 0008."""
+    await seeded.execute(
+        """
+        DROP INDEX idx_detections_active_by_session;
+        DROP INDEX idx_detections_resolved_by_key;
+        CREATE INDEX idx_detections_resolved_at ON detections (resolved_at);
+        CREATE INDEX idx_detections_dedup_key ON detections (dedup_key);
+        """
+    )
+    problems = await plan_problems(seeded)
+    await seeded.execute("ANALYZE")
+    analyzed = await plan_problems(seeded)
+    bad = {
+        name: found
+        for name, found in (*problems.items(), *analyzed.items())
+        if found and name in ("active_detections_of_sessions", "newest_resolved_detections")
+    }
+    assert bad, "the plan check passed the pre-0008 indexes"
+
+
+async def test_the_ledger_purge_deletes_the_oldest_rows_past_the_age(database_url: str) -> None:
+    """purge_ledger was rewritten to stay on its indexes: it still deletes what it should."""
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO processed_events (event_id, processed_at) "
+            "SELECT gen_random_uuid(), now() - make_interval(hours => g) "
+            "FROM generate_series(1, 10) AS g"
+        )
+        assert await db.purge_ledger(conn, 3.5 * 3600, 2) == 2
+        oldest = await conn.fetchval("SELECT min(processed_at) FROM processed_events")
+        assert oldest > await conn.fetchval("SELECT now() - interval '8 hours 30 minutes'")
+        assert await db.purge_ledger(conn, 3.5 * 3600, 100) == 5
+        assert await db.purge_ledger(conn, 3.5 * 3600, 100) == 0
+        assert await conn.fetchval("SELECT count(*) FROM processed_events") == 3
+    finally:
+        await conn.close()
