@@ -123,10 +123,6 @@ def test_anomaly_type_is_the_kind_upper_cased(kind: str, anomaly_type: str) -> N
     assert anomaly_type_of(kind) == anomaly_type
 
 
-def test_session_stall_constant_is_the_contract_name() -> None:
-    assert SESSION_STALL == "SESSION_STALL"
-
-
 # --- severity --------------------------------------------------------------
 
 
