@@ -94,7 +94,7 @@ class Worker:
 
     `run(stopping)` applies migrations, ensures the streams and consumers,
     then processes events until `stopping` is set; it returns after the
-    lanes finished the message in hand and the relay flushed the outbox, or
+    lanes finished the batch each had fetched and the relay flushed the outbox, or
     when `settings.shutdown_grace_seconds` ran out. If one of its tasks dies
     unexpectedly, it stops the others and raises (the process exits non-zero
     rather than run half-dead).
@@ -208,8 +208,8 @@ class Worker:
         failed = [t for t in self.tasks if t in done]
         try:
             async with asyncio.timeout(s.shutdown_grace_seconds):
-                # Commands and lanes first (finish what is in hand, give back
-                # the rest), then the relay flushes what they committed.
+                # Commands and lanes first (each finishes the batch it fetched, or
+                # gives it back), then the relay flushes what they committed.
                 await resolve.stop()
                 lanes_stopping.set()
                 await asyncio.gather(lane_task, return_exceptions=True)

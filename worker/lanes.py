@@ -11,7 +11,7 @@ order.
 
 Workers share the lanes fairly: each live worker (counted through member
 slots, also advisory locks) owns at most ceil(lanes / workers); one that
-owns more hands the surplus back after the message in hand.
+owns more hands the surplus back after the batch in hand.
 
 A hung owner (stopped with SIGSTOP, say) keeps its connections, hence its
 locks: the kernel answers keepalives for it. So each lane manager beats in
