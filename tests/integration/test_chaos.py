@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.test_workers import assert_outbound_matches_tables, assert_tables_match
 from tests.support import Hub, open_hub
-from tests.workload import Published, expect, generate
+from tests.support.workload import Published, expect, generate
 from worker import db
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres

@@ -33,7 +33,7 @@ from tests.integration.test_workers import (
     publish_all,
 )
 from tests.support import READY, Hub, WorkerProcess, wait_until
-from tests.workload import Published, expect, generate
+from tests.support.workload import Published, expect, generate
 from worker import db
 from worker.config import Settings
 from worker.constants import LANE_OWNER_BEAT_SECONDS, LANE_OWNER_SILENT_SECONDS

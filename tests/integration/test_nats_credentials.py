@@ -33,8 +33,8 @@ from nats.aio.client import Client as NATS
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
-from tests.nats_jwt import Keys, Operator, creds, user_jwt
 from tests.support import Hub, wait_until
+from tests.support.nats_jwt import Keys, Operator, creds, user_jwt
 from worker import db
 from worker.app import Worker
 from worker.config import Settings
