@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from tests.support import ROOT, Hub, now_iso, with_database
-from worker import db
+from worker import db, schema
 from worker.effects import apply_batch
 from worker.intake import decode
 
@@ -51,7 +51,7 @@ async def test_concurrent_migrate_commands_apply_each_migration_once(empty_datab
     conn = await asyncpg.connect(empty_database)
     try:
         versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
-        assert versions == [version for version, _ in db.migration_files()]
+        assert versions == [version for version, _ in schema.migration_files()]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
