@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -141,6 +143,115 @@ async def test_without_the_unique_index_the_race_test_fails(hub: Hub) -> None:
     with pytest.raises(asyncpg.InvalidColumnReferenceError):
         # ON CONFLICT (dedup_key) WHERE resolved_at IS NULL has nothing to arbitrate on.
         await race_signals(hub.database_url, hub.prefix, writers=4)
+
+
+# The public schema as the catalog describes it, less migrate's own bookkeeping: what
+# a database built from the migrations and one built from sql/schema.sql must share.
+CATALOG = """
+SELECT 'relation' AS kind, c.relname::text AS name,
+       concat_ws(' ', c.relkind::text, c.relpersistence::text,
+                 array_to_string(c.reloptions, ',')) AS definition
+FROM pg_class AS c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relname NOT LIKE 'schema_migrations%'
+UNION ALL
+SELECT 'column', c.relname || '.' || a.attname,
+       concat_ws(' ', row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum),
+                 format_type(a.atttypid, a.atttypmod),
+                 CASE WHEN a.attnotnull THEN 'not null' END,
+                 'default ' || pg_get_expr(d.adbin, d.adrelid),
+                 'identity ' || nullif(a.attidentity::text, ''),
+                 'generated ' || nullif(a.attgenerated::text, ''))
+FROM pg_attribute AS a
+JOIN pg_class AS c ON c.oid = a.attrelid
+LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+  AND c.relname <> 'schema_migrations' AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'constraint', conrelid::regclass::text || '.' || conname, pg_get_constraintdef(oid)
+FROM pg_constraint
+WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text <> 'schema_migrations'
+UNION ALL
+SELECT 'index', indexname::text, indexdef
+FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'schema_migrations'
+UNION ALL
+SELECT 'function', p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+FROM pg_proc AS p WHERE p.pronamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'trigger', t.tgrelid::regclass::text || '.' || t.tgname, pg_get_triggerdef(t.oid)
+FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal
+UNION ALL
+SELECT 'sequence', s.seqrelid::regclass::text,
+       concat_ws(' ', format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmin,
+                 s.seqmax, s.seqcache, s.seqcycle)
+FROM pg_sequence AS s JOIN pg_class AS c ON c.oid = s.seqrelid
+WHERE c.relnamespace = 'public'::regnamespace
+ORDER BY kind, name
+"""
+
+
+async def catalog(database_url: str) -> list[tuple[str, str, str]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [(r["kind"], r["name"], r["definition"]) for r in await conn.fetch(CATALOG)]
+    finally:
+        await conn.close()
+
+
+async def test_a_database_built_from_schema_sql_is_the_one_the_migrations_build(
+    database_url: str, empty_database: str
+) -> None:
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(schema.schema_sql_path().read_text(encoding="utf-8"))
+    finally:
+        await conn.close()
+    from_migrations = await catalog(database_url)
+    assert ("index", "uq_detections_active_dedup_key") in {(k, n) for k, n, _ in from_migrations}
+    assert {k for k, _, _ in from_migrations} == {
+        "relation",
+        "column",
+        "constraint",
+        "index",
+        "function",
+        "trigger",
+        "sequence",
+    }
+    from_schema = await catalog(empty_database)
+    only_in_migrations = sorted(set(from_migrations) - set(from_schema))
+    only_in_schema_sql = sorted(set(from_schema) - set(from_migrations))
+    assert (only_in_migrations, only_in_schema_sql) == ([], []), (
+        f"sql/schema.sql is not what sql/migrations build: run `{schema.DUMP_COMMAND}`"
+    )
+
+
+def _pg_dump_major() -> int:
+    version = subprocess.run(
+        [str(schema.pg_dump_binary()), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(re.search(r"(\d+)\.", version).group(1))  # type: ignore[union-attr]
+
+
+async def test_schema_sql_is_what_the_migrations_build(database_url: str) -> None:
+    """sql/schema.sql is regenerated with each migration: a dump of a migrated database
+    is the file, byte for byte."""
+    if os.environ.get("HUB_TEST_DATABASE_URL"):
+        conn = await asyncpg.connect(database_url)
+        try:
+            server_major = int(await conn.fetchval("SHOW server_version_num")) // 10000
+        finally:
+            await conn.close()
+        if server_major != _pg_dump_major():
+            pytest.skip(
+                f"pg_dump {_pg_dump_major()} writes a PostgreSQL {server_major} differently"
+            )
+    current = await asyncio.to_thread(schema.dump_schema, database_url)
+    diff = schema.stale_diff(current, schema.schema_sql_path().read_text(encoding="utf-8"))
+    if diff:
+        pytest.fail(
+            f"sql/schema.sql is not what sql/migrations build: run `{schema.DUMP_COMMAND}`\n{diff}",
+            pytrace=False,
+        )
 
 
 def test_the_wheel_carries_the_sql(tmp_path: Path) -> None:
