@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -98,9 +99,10 @@ async def test_detections_have_a_partial_unique_index_on_active_dedup_key(hub: H
     await hub.db.execute(insert, "active-again", None)
 
 
-async def race_signals(database_url: str, prefix: str, writers: int) -> None:
+async def race_signals(database_url: str, prefix: str, writers: int) -> list[BaseException]:
     """`writers` workers' transactions apply a signal of one dedup key at the same
-    moment, bypassing the lanes that normally keep a session's events apart."""
+    moment, bypassing the lanes that normally keep a session's events apart; the
+    errors they ended with."""
     connections = [await db.connect(database_url) for _ in range(writers)]
     try:
         start = asyncio.Event()
@@ -124,25 +126,90 @@ async def race_signals(database_url: str, prefix: str, writers: int) -> None:
         tasks = [asyncio.create_task(one(c)) for c in connections]
         await asyncio.sleep(0.1)
         start.set()
-        await asyncio.gather(*tasks)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return [r for r in results if isinstance(r, BaseException)]
     finally:
         for conn in connections:
             await conn.close()
 
 
-async def test_concurrent_signals_of_one_key_never_open_two_detections(hub: Hub) -> None:
-    await race_signals(hub.database_url, hub.prefix, writers=12)
+async def open_session(hub: Hub) -> None:
+    """Session `s` of spoke `sp` exists before the race: the writers then meet on its
+    detections, not on creating it (which makes all but the first wait for its commit)."""
+    await hub.db.execute("INSERT INTO spokes (id) VALUES ('sp')")
+    await hub.db.execute("INSERT INTO sessions (id, spoke_id) VALUES ('s', 'sp')")
+
+
+async def race_one_key(hub: Hub, writers: int) -> None:
+    """The race test's run and assertion: one active detection, counting every signal."""
+    errors = await race_signals(hub.database_url, hub.prefix, writers)
+    assert errors == []
     rows = await hub.rows("SELECT occurrence_count, resolved_at FROM detections")
-    assert rows == [{"occurrence_count": 12, "resolved_at": None}]
+    assert rows == [{"occurrence_count": writers, "resolved_at": None}]
 
 
-async def test_without_the_unique_index_the_race_test_fails(hub: Hub) -> None:
-    """Negative control: remove the guard and the race test above cannot pass."""
+@pytest.mark.parametrize("session", ["new", "existing"])
+async def test_concurrent_signals_of_one_key_never_open_two_detections(
+    hub: Hub, session: str
+) -> None:
+    if session == "existing":
+        await open_session(hub)
+    await race_one_key(hub, writers=12)
+
+
+def _without(query: db.Query, pattern: str, replacement: str = "") -> db.Query:
+    """`query` with its one match of `pattern` replaced: a guard taken out."""
+    sql, found = re.subn(pattern, replacement, query.sql, flags=re.DOTALL)
+    assert found == 1, f"{query.name} no longer has {pattern!r}: update this control"
+    return dataclasses.replace(query, sql=sql)
+
+
+def _without_the_session_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lock_sessions without FOR NO KEY UPDATE: writers of one session no longer queue
+    on its row, so each plans on what it read at the same moment."""
+    q = db.queries()
+    monkeypatch.setattr(q, "lock_sessions", _without(q.lock_sessions, r"\s*FOR NO KEY UPDATE OF s"))
+
+
+async def test_without_its_guards_the_race_test_fails(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: the race test catches the race once its guards are gone.
+
+    Two guards keep one key to one active detection: the session row lock, which
+    queues the writers of a session, and behind it the partial unique index with
+    insert_detections' ON CONFLICT arbitration. Without the index alone the race
+    test still passes (the lock queues the writers); without both, each writer opens
+    a detection of its own and the race test's assertion fails.
+    """
+    _without_the_session_lock(monkeypatch)
+    q = db.queries()
+    insert = _without(q.insert_detections, r"ON CONFLICT \(dedup_key\) WHERE .*?(?=RETURNING)")
+    monkeypatch.setattr(q, "insert_detections", _without(insert, r"\(xmax <> 0\)", "false"))
     await hub.db.execute("DROP INDEX uq_detections_active_dedup_key")
-    await hub.db.execute("CREATE INDEX plain_dedup_key ON detections (dedup_key)")
-    with pytest.raises(asyncpg.InvalidColumnReferenceError):
-        # ON CONFLICT (dedup_key) WHERE resolved_at IS NULL has nothing to arbitrate on.
-        await race_signals(hub.database_url, hub.prefix, writers=4)
+    await open_session(hub)
+    with pytest.raises(AssertionError):
+        await race_one_key(hub, writers=12)
+    active = await hub.value(
+        "SELECT count(*) FROM detections WHERE resolved_at IS NULL AND dedup_key = "
+        "(SELECT dedup_key FROM detections LIMIT 1)"
+    )
+    assert active >= 2, "the race test failed, but not on two active detections of one key"
+
+
+async def test_without_the_session_lock_the_unique_index_still_keeps_one_detection(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard of last resort on its own: writers that find the key taken meanwhile
+    are told so (LedgerConflict: the handler redoes their batch one by one), and the
+    key keeps a single detection."""
+    _without_the_session_lock(monkeypatch)
+    await open_session(hub)
+    errors = await race_signals(hub.database_url, hub.prefix, writers=12)
+    assert errors, "no writer met another: the race did not happen"
+    assert all(isinstance(e, db.LedgerConflict) for e in errors), errors
+    # Its count may have lost updates: keeping those is the session lock's job.
+    assert await hub.value("SELECT array_agg(resolved_at) FROM detections") == [None]
 
 
 # The public schema as the catalog describes it, less migrate's own bookkeeping: what
