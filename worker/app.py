@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import structlog
 from nats.js.api import ConsumerInfo
 
-from worker import db
+from worker import db, schema
 from worker.bus import Bus, age_seconds
 from worker.commands import ResolveCommand
 from worker.config import Settings
@@ -58,10 +58,10 @@ async def migrate(
             await _wait_to_retry("database.unreachable", err, backoff)
             continue
         try:
-            applied = await db.migrate(conn)
+            applied = await schema.migrate(conn)
             if runtime_role is not None:
-                await db.grant_runtime(conn, runtime_role)
-        except db.MigrationsPending as err:
+                await schema.grant_runtime(conn, runtime_role)
+        except schema.MigrationsPending as err:
             if stopping is None:
                 raise
             await _wait_to_retry("database.migrations_pending", err, backoff)
