@@ -34,10 +34,10 @@ from worker import db
 from worker.bus import Bus
 from worker.connection import NATS_ERRORS
 from worker.constants import (
-    RECONNECT_BASE_SECONDS,
     RECONNECT_MAX_SECONDS,
     RELAY_BATCH,
     RELAY_POLL_SECONDS,
+    RELAY_RETRY_BASE_SECONDS,
     RELAY_WINDOW,
 )
 from worker.metrics import Metrics
@@ -70,8 +70,9 @@ class OutboxRelay:
         # Nats-Msg-Id, so the relay's own commits need not wait for the disk.
         await db.relax_durability(conn)
         await conn.add_listener(NOTIFY_CHANNEL, on_notify)
-        # NATS not taking publishes (a missing or full stream, a reconnect): wait it out.
-        refused = Backoff(RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
+        # NATS not taking publishes (a missing or full stream, a reconnect): wait it out,
+        # from a second on: each attempt is a window of publishes and a log line.
+        refused = Backoff(RELAY_RETRY_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
         try:
             while not stopping.is_set():
                 wake.clear()
