@@ -49,13 +49,19 @@ class OutboxRelay:
         self.prefix = prefix
         self.metrics = metrics
         self.published = 0
+        # Set by a NOTIFY, or directly by this process's lanes (`wake`).
+        self._wake = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<OutboxRelay published={self.published}>"
 
+    def wake(self) -> None:
+        """Outbox rows were committed: look now (harmless when not leading)."""
+        self._wake.set()
+
     async def duty(self, conn: db.Connection, stopping: asyncio.Event) -> None:
         """Relay until `stopping`, then flush what is left and return."""
-        wake = asyncio.Event()
+        wake = self._wake
 
         def on_notify(*_: object) -> None:
             wake.set()
