@@ -158,6 +158,8 @@ class Hub:
             "HUB_BATCH_MAX": str(s.batch_max),
             "HUB_HTTP_ADDR": "",
             "HUB_LOG_FORMAT": "json",
+            # Every message's own line, which tests read (an applied one is DEBUG).
+            "HUB_LOG_LEVEL": "debug",
             "HUB_DATA_DIR": str(self.tmp / "data"),
         }
 
