@@ -89,10 +89,11 @@ class _Message:
 class MessageHandler:
     """Handles a lane's batches; `max_payload` is the NATS server's, bytes.
 
-    `outbox_written` is called after a transaction that wrote outbox rows has
-    committed: the relay of this process, if it leads, wakes at once instead of
-    waiting for PostgreSQL's NOTIFY to come back round (which still wakes the
-    relay of any process).
+    `outbox_written(backend_pid)` is called after a transaction that wrote outbox
+    rows has committed, with the backend pid of the connection that committed it:
+    the relay of this process, if it leads, wakes at once instead of waiting for
+    PostgreSQL's NOTIFY to come back round (which still wakes the relay of any
+    other process).
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class MessageHandler:
         prefix: str,
         metrics: Metrics,
         max_payload: int,
-        outbox_written: Callable[[], None] | None = None,
+        outbox_written: Callable[[int], None] | None = None,
     ) -> None:
         self.prefix = prefix
         self.metrics = metrics
@@ -275,7 +276,7 @@ class MessageHandler:
                 wrote_outbox |= await self._dead_letter(conn, message, rejected)
                 handled.append(Handled("dead_lettered", rejected.reason.value))
         if wrote_outbox and self.outbox_written is not None:
-            self.outbox_written()
+            self.outbox_written(conn.get_server_pid())
         return handled
 
     def _decode(self, msg: Msg) -> _Message:
