@@ -62,6 +62,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from worker.db import Query  # noqa: E402
 from worker.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 
 SEVERITIES = ("low", "low", "low", "medium", "medium", "high")
@@ -394,6 +395,15 @@ def _normal(text: str) -> str:
     return " ".join(text.split()).rstrip(";")
 
 
+def _as_sent(name: str, text: str) -> str:
+    """A block as the server gets it: `:name` parameters become `$n` (as worker.db loads
+    them); an older checkout's blocks are written with `$n` already."""
+    try:
+        return Query.parse(name, text).sql
+    except RuntimeError:
+        return text
+
+
 def query_names(worker_root: Path) -> list[tuple[str, str]]:
     """(normalised text, name) of every `-- name:` block of a checkout's sql/queries."""
     found = []
@@ -403,7 +413,7 @@ def query_names(worker_root: Path) -> list[tuple[str, str]]:
         for line in [*path.read_text().splitlines(), "-- name: _end"]:
             if line.startswith("-- name:"):
                 if name is not None:
-                    found.append((_normal("\n".join(lines)), name))
+                    found.append((_normal(_as_sent(name, "\n".join(lines))), name))
                 name, lines = line.split(":", 1)[1].strip(), []
             elif not line.startswith("--"):
                 lines.append(line)

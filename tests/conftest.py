@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from tests.support import Hub, open_hub, with_database
-from worker import db
+from worker import db, schema
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres
 
@@ -76,7 +76,7 @@ async def template_database(postgres_admin_url: str) -> AsyncIterator[str]:
         await admin.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
         conn = await db.connect(with_database(postgres_admin_url, TEMPLATE_DATABASE))
         try:
-            await db.migrate(conn)
+            await schema.migrate(conn)
         finally:
             await conn.close()
         yield TEMPLATE_DATABASE

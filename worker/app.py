@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import structlog
 from nats.js.api import ConsumerInfo
 
-from worker import db
+from worker import db, schema
 from worker.bus import Bus, age_seconds
 from worker.commands import ResolveCommand
 from worker.config import Settings
@@ -25,7 +25,6 @@ from worker.constants import (
     RECONNECT_MAX_SECONDS,
     RELAY_STALL_SECONDS,
 )
-from worker.domain import retry_delay
 from worker.handler import MessageHandler
 from worker.lanes import LaneManager
 from worker.leadership import Duty, close_quietly, lead, pause
@@ -36,6 +35,7 @@ from worker.partitions import Lane, lanes
 from worker.probes import Checks, ProbeServer
 from worker.progress import CatchUp
 from worker.relay import OutboxRelay
+from worker.retry import Backoff
 from worker.sweep import StallSweep
 
 log = structlog.get_logger("worker.app")
@@ -50,22 +50,21 @@ async def migrate(
     With `stopping` (inside `run`), a role that may not apply pending
     migrations waits for the owner to apply them; without it, it fails.
     """
-    attempt = 0
+    backoff = Backoff(RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
     while True:
-        attempt += 1
         try:
             conn = await db.connect(dsn, application_name="hub-worker:migrate", bounded=False)
         except db.CONNECTION_ERRORS as err:
-            await _wait_to_retry("database.unreachable", err, attempt, stopping)
+            await _wait_to_retry("database.unreachable", err, backoff)
             continue
         try:
-            applied = await db.migrate(conn)
+            applied = await schema.migrate(conn)
             if runtime_role is not None:
-                await db.grant_runtime(conn, runtime_role)
-        except db.MigrationsPending as err:
+                await schema.grant_runtime(conn, runtime_role)
+        except schema.MigrationsPending as err:
             if stopping is None:
                 raise
-            await _wait_to_retry("database.migrations_pending", err, attempt, stopping)
+            await _wait_to_retry("database.migrations_pending", err, backoff)
             continue
         finally:
             await close_quietly(conn)
@@ -73,15 +72,14 @@ async def migrate(
         return applied
 
 
-async def _wait_to_retry(
-    event: str, err: Exception, attempt: int, stopping: asyncio.Event | None
-) -> None:
-    """Log why, wait the backoff (cut short by `stopping`); raise Stopped if asked to stop."""
+async def _wait_to_retry(event: str, err: Exception, backoff: Backoff) -> None:
+    """Log why, wait the backoff (cut short by its stop); raise Stopped if asked to stop."""
+    stopping = backoff.stopping
     if stopping is not None and stopping.is_set():
         raise Stopped from err
-    delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+    delay = backoff.failed()
     log.warning(event, action="migrate", error=str(err), retry_in=delay)
-    await (pause(stopping, delay) if stopping is not None else asyncio.sleep(delay))
+    await backoff.sleep(delay)
     if stopping is not None and stopping.is_set():
         raise Stopped from err
 
@@ -96,7 +94,7 @@ class Worker:
 
     `run(stopping)` applies migrations, ensures the streams and consumers,
     then processes events until `stopping` is set; it returns after the
-    lanes finished the message in hand and the relay flushed the outbox, or
+    lanes finished the batch each had fetched and the relay flushed the outbox, or
     when `settings.shutdown_grace_seconds` ran out. If one of its tasks dies
     unexpectedly, it stops the others and raises (the process exits non-zero
     rather than run half-dead).
@@ -210,8 +208,8 @@ class Worker:
         failed = [t for t in self.tasks if t in done]
         try:
             async with asyncio.timeout(s.shutdown_grace_seconds):
-                # Commands and lanes first (finish what is in hand, give back
-                # the rest), then the relay flushes what they committed.
+                # Commands and lanes first (each finishes the batch it fetched, or
+                # gives it back), then the relay flushes what they committed.
                 await resolve.stop()
                 lanes_stopping.set()
                 await asyncio.gather(lane_task, return_exceptions=True)
@@ -377,9 +375,11 @@ class Worker:
         )
 
     async def _ensure_topology(self, bus: Bus, stopping: asyncio.Event) -> int:
-        attempt = 0
+        # JetStream may take a moment to answer after a (re)start; then it is broken.
+        backoff = Backoff(
+            RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping, limit=30
+        )
         while True:
-            attempt += 1
             try:
                 partitions = await bus.ensure_streams()
                 for lane in lanes(self.settings.subject_prefix, partitions):
@@ -387,10 +387,10 @@ class Worker:
                 return partitions
             except Exception as err:  # JetStream not ready yet, or NATS away
                 bus.raise_if_unusable()
-                if attempt >= 30:
+                delay = backoff.failed()
+                if backoff.exhausted:
                     raise
-                delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
                 log.warning(
                     "streams.not_ready", action="stream.ensure", error=str(err), retry_in=delay
                 )
-                await pause(stopping, delay)
+                await backoff.sleep(delay)

@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 
 from worker.config import NatsAuth
 from worker.constants import RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS
-from worker.domain import retry_delay
+from worker.retry import Backoff
 from worker.wire import WireClient
 
 log = structlog.get_logger("worker.connection")
@@ -94,9 +94,8 @@ async def connect(
     Raises Stopped when `stopping` is set while it waits, ConnectionUnusable when
     the server refuses what waiting does not mend.
     """
-    attempt = 0
+    backoff = Backoff(RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
     while True:
-        attempt += 1
         # Per attempt: a failed attempt's connection may report itself closed.
         watch = ConnectionWatch()
         connecting = asyncio.ensure_future(
@@ -157,15 +156,11 @@ async def connect(
             nc = await connecting
             return nc, watch
         except NATS_ERRORS as err:
-            delay = retry_delay(attempt, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+            delay = backoff.failed()
             log.warning("nats.unreachable", action="nats.connect", error=str(err), retry_in=delay)
-            if stopping is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), timeout=delay)
-                if stopping.is_set():
-                    raise Stopped from err
-            else:
-                await asyncio.sleep(delay)
+            await backoff.sleep(delay)
+            if stopping is not None and stopping.is_set():
+                raise Stopped from err
 
 
 class ConnectionWatch:

@@ -65,6 +65,9 @@ RELAY_BATCH = 1000
 RELAY_WINDOW = 500
 RELAY_POLL_SECONDS = 1.0
 PUBLISH_ACK_TIMEOUT_SECONDS = 5.0
+# After JetStream refused a window, the bound of the relay's first pause, seconds
+# (doubling to RECONNECT_MAX_SECONDS, with full jitter).
+RELAY_RETRY_BASE_SECONDS = 1.0
 # How often a worker that is not the relay leader tries to become it, seconds.
 LEADER_RETRY_SECONDS = 1.0
 

@@ -1,6 +1,7 @@
-"""The one module that talks to PostgreSQL.
+"""A running worker's PostgreSQL access: connections, the named-query registry, the queries.
 
-SQL lives in `sql/` (migrations and named queries), loaded once at start. Every
+SQL lives in `sql/`: the named queries (`sql/queries/<area>.sql`, `:name` parameters)
+are loaded once, at first use; migrations and grants are `worker.schema`'s. Every
 function takes the connection first: the caller owns the transaction.
 """
 
@@ -87,9 +88,6 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 # PostgreSQL keeps this much of an application_name (NAMEDATALEN - 1).
 _APPLICATION_NAME_BYTES = 63
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
-_MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-# Advisory lock (two-int form) serialising `hub-worker migrate` across replicas.
-_MIGRATION_LOCK = (0x68756200, 1)  # "hub\0", 1
 
 
 def sql_dir() -> Path:
@@ -100,82 +98,158 @@ def sql_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "sql"
 
 
-class Queries:
-    """Every named query the worker runs; loading fails fast on a missing or unknown name."""
+class QueryArguments(TypeError):
+    """A query called with a parameter it does not have, or without one it has."""
 
+
+# What the loader steps over when it looks for `:name` parameters: string literals
+# ('…', E'…'), quoted identifiers, comments, dollar-quoted bodies, `::type` casts and
+# plpgsql's `:=`. A `:name` inside an array slice (`a[lo:hi]`) would be taken for a
+# parameter: write `a[lo : hi]`'s bounds as numbers or parameters instead.
+_SQL_TOKEN = re.compile(
+    r"""
+      (?P<skip>
+          [eE]'(?:[^'\\]|\\.|'')*'
+        | '(?:[^']|'')*'
+        | "(?:[^"]|"")*"
+        | --[^\n]*
+        | /\*.*?\*/
+        | \$(?P<tag>[A-Za-z_][A-Za-z0-9_]*|)\$.*?\$(?P=tag)\$
+        | ::
+        | :=
+      )
+    | :(?P<name>[a-z_][a-z0-9_]*)
+    | \$(?P<positional>[0-9]+)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A named query of `sql/queries`: `sql` as the server gets it (`$1`, `$2`, …) and
+    `params`, the names those stand for in order (`$1` is `params[0]`). A name used
+    twice in the file is one parameter."""
+
+    name: str
+    sql: str
+    params: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> Query:
+        """`text` with `:name` parameters; `$n` ones are refused (they say nothing)."""
+        params: list[str] = []
+
+        def replace(token: re.Match[str]) -> str:
+            if token.group("skip") is not None:
+                return token.group(0)
+            if token.group("positional") is not None:
+                raise RuntimeError(
+                    f"query {name!r} uses ${token.group('positional')}: "
+                    "name its parameters (:name) instead"
+                )
+            param = token.group("name")
+            if param not in params:
+                params.append(param)
+            return f"${params.index(param) + 1}"
+
+        return cls(name, _SQL_TOKEN.sub(replace, text), tuple(params))
+
+    def args(self, **values: Any) -> list[Any]:
+        """The positional arguments of `sql`, from one keyword argument per parameter."""
+        missing = [p for p in self.params if p not in values]
+        unknown = sorted(set(values) - set(self.params))
+        if missing or unknown:
+            raise QueryArguments(
+                f"query {self.name!r} takes {list(self.params)}: "
+                f"missing {missing}, unknown {unknown}"
+            )
+        return [values[p] for p in self.params]
+
+    def bind(self, **values: Any) -> tuple[Any, ...]:
+        """`(sql, *args)`, for `conn.fetch(*q.bind(...))` and its siblings."""
+        return (self.sql, *self.args(**values))
+
+
+class Queries:
+    """Every named query the worker runs; loading fails fast on a missing or unknown name,
+    on a block with `$n` parameters, and a call on a missing or unknown parameter name."""
+
+    # batch.sql: applying a batch of inbound events
+    batch_start: Query
+    create_new_sessions: Query
+    lock_sessions: Query
+    active_detections_of_sessions: Query
+    newest_resolved_detections: Query
+    record_events: Query
+    ensure_spokes: Query
+    ensure_workspaces: Query
+    ensure_tasks: Query
+    ensure_parent_sessions: Query
+    upsert_sessions: Query
+    upsert_mappings: Query
+    update_detections: Query
+    insert_detections: Query
     # outbox.sql
-    enqueue_outbox: str
-    pending_outbox: str
-    delete_outbox: str
-    outbox_backlog: str
-    set_aside_outbox: str
-    relax_durability: str
-    insert_dead_letter: str
-    # coordination.sql
-    try_lock: str
-    unlock: str
-    held_locks: str
-    purge_ledger: str
-    writable: str
-    bound_session: str
-    # lanes.sql
-    beat: str
-    silent_workers: str
-    end_silent_worker: str
-    forget_worker: str
+    enqueue_outbox: Query
+    pending_outbox: Query
+    delete_outbox: Query
+    outbox_backlog: Query
+    set_aside_outbox: Query
+    relax_durability: Query
+    # dead_letters.sql
+    insert_dead_letter: Query
+    list_dead_letters: Query
+    dead_letters_by_id: Query
+    begin_dead_letter_replay: Query
+    mark_dead_letter_replayed: Query
+    dead_letters_by_reason: Query
+    # detections.sql: the operators' side
+    lock_detection: Query
+    resolve_detection: Query
+    list_detections: Query
+    active_detections_by_severity: Query
+    # accounts.sql
+    account_exists: Query
+    upsert_account: Query
+    list_accounts: Query
+    # locks.sql: advisory locks
+    try_lock: Query
+    unlock: Query
+    held_locks: Query
+    lock_holders: Query
+    # heartbeats.sql: lane owners' liveness
+    beat: Query
+    silent_workers: Query
+    end_silent_worker: Query
+    forget_worker: Query
     # sweep.sql
-    claim_schedule: str
-    stalled_sessions: str
-    open_stalls: str
-    # commands.sql
-    lock_detection: str
-    account_exists: str
-    resolve_detection: str
-    upsert_account: str
-    list_accounts: str
-    # batch.sql
-    batch_start: str
-    create_new_sessions: str
-    lock_sessions: str
-    active_detections_of_sessions: str
-    newest_resolved_detections: str
-    record_events: str
-    ensure_spokes: str
-    ensure_workspaces: str
-    ensure_tasks: str
-    ensure_parent_sessions: str
-    upsert_sessions: str
-    upsert_mappings: str
-    update_detections: str
-    insert_detections: str
-    # migrations.sql
-    lock_migrations: str
-    unlock_migrations: str
-    create_migrations_table: str
-    applied_migrations: str
-    record_migration: str
-    migrations_table_exists: str
-    role_exists: str
-    quote_ident: str
-    # operations.sql
-    list_detections: str
-    list_dead_letters: str
-    dead_letters_by_id: str
-    begin_dead_letter_replay: str
-    mark_dead_letter_replayed: str
-    # status.sql
-    lock_holders: str
-    dead_letters_by_reason: str
-    active_detections_by_severity: str
+    claim_schedule: Query
+    stalled_sessions: Query
+    open_stalls: Query
+    # ledger.sql
+    purge_ledger: Query
+    # connections.sql
+    bound_session: Query
+    writable: Query
+    # migrations.sql (worker.schema)
+    lock_migrations: Query
+    unlock_migrations: Query
+    create_migrations_table: Query
+    applied_migrations: Query
+    record_migration: Query
+    migrations_table_exists: Query
+    role_exists: Query
+    quote_ident: Query
 
     @classmethod
     def load(cls, directory: Path) -> Queries:
-        blocks: dict[str, str] = {}
+        blocks: dict[str, Query] = {}
         for path in sorted(directory.glob("*.sql")):
             for name, body in _split_named(path.read_text(encoding="utf-8")):
                 if name in blocks:
                     raise RuntimeError(f"query {name!r} is defined twice (again in {path.name})")
-                blocks[name] = body
+                blocks[name] = Query.parse(name, body)
         declared = set(cls.__annotations__)
         missing, unknown = declared - set(blocks), set(blocks) - declared
         if missing or unknown:
@@ -184,16 +258,16 @@ class Queries:
                 f"unknown {sorted(unknown)}"
             )
         queries = cls()
-        for name, body in blocks.items():
-            setattr(queries, name, body)
+        for name, query in blocks.items():
+            setattr(queries, name, query)
         return queries
 
 
 def _split_named(text: str) -> list[tuple[str, str]]:
     marks = list(_NAME_RE.finditer(text))
     named = []
-    for mark, following in zip(marks, [*marks[1:], None], strict=True):
-        end = following.start() if following else len(text)
+    for index, mark in enumerate(marks):
+        end = marks[index + 1].start() if index + 1 < len(marks) else len(text)
         body = "\n".join(
             line for line in text[mark.end() : end].splitlines() if not line.startswith("--")
         ).strip()
@@ -218,11 +292,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def _init_bounded_connection(conn: asyncpg.Connection) -> None:
     await _init_connection(conn)
     await conn.execute(
-        queries().bound_session,
-        f"{DB_STATEMENT_TIMEOUT_SECONDS}s",
-        str(DB_KEEPALIVE_IDLE_SECONDS),
-        str(DB_KEEPALIVE_INTERVAL_SECONDS),
-        str(DB_KEEPALIVE_COUNT),
+        *queries().bound_session.bind(
+            statement_timeout=f"{DB_STATEMENT_TIMEOUT_SECONDS}s",
+            keepalives_idle=str(DB_KEEPALIVE_IDLE_SECONDS),
+            keepalives_interval=str(DB_KEEPALIVE_INTERVAL_SECONDS),
+            keepalives_count=str(DB_KEEPALIVE_COUNT),
+        )
     )
 
 
@@ -276,81 +351,7 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> Pool:
 
 async def writable(conn: Connection | Pool) -> bool:
     """Whether this database takes writes: not a standby, not read-only by default."""
-    return bool(await conn.fetchval(queries().writable))
-
-
-# --- migrations ------------------------------------------------------------
-
-
-def migration_files() -> list[tuple[str, Path]]:
-    found = []
-    for path in sorted((sql_dir() / "migrations").glob("*.sql")):
-        match = _MIGRATION_RE.match(path.name)
-        if match is None:
-            raise RuntimeError(f"migration file {path.name} is not named NNNN_what.sql")
-        found.append((match.group(1), path))
-    return found
-
-
-class MigrationsPending(Exception):
-    """Migrations are pending and this role may not apply them (the runtime role)."""
-
-
-class NoSuchRole(Exception):
-    """HUB_DATABASE_RUNTIME_ROLE names a role the cluster does not have."""
-
-
-async def migrate(conn: Connection) -> list[str]:
-    """Apply pending migrations in order, one transaction each; returns those applied.
-
-    The advisory lock makes concurrent `hub-worker migrate` runs wait for each
-    other instead of racing to create the same tables. With nothing pending it
-    changes nothing, so a role with only the runtime grants passes through;
-    with something pending such a role gets MigrationsPending.
-    """
-    q = queries()
-    files = migration_files()
-    applied: set[str] = set()
-    if await conn.fetchval(q.migrations_table_exists):
-        applied = {r["version"] for r in await conn.fetch(q.applied_migrations)}
-        if all(version in applied for version, _ in files):
-            return []
-    await conn.execute(q.lock_migrations, *_MIGRATION_LOCK)
-    try:
-        await conn.execute(q.create_migrations_table)
-        applied = {r["version"] for r in await conn.fetch(q.applied_migrations)}
-        done = []
-        for version, path in files:
-            if version in applied:
-                continue
-            async with conn.transaction():
-                await conn.execute(path.read_text(encoding="utf-8"))
-                await conn.execute(q.record_migration, version, path.name)
-            done.append(path.name)
-        return done
-    except asyncpg.InsufficientPrivilegeError as err:
-        pending = len(files) - len(applied)
-        raise MigrationsPending(
-            f"{pending} migration(s) pending and this role may not apply them ({err}): "
-            "run `hub-worker migrate` with the owner role"
-        ) from None
-    finally:
-        await conn.execute(q.unlock_migrations, *_MIGRATION_LOCK)
-
-
-async def grant_runtime(conn: Connection, role: str) -> None:
-    """Give `role` the rights of `hub-worker run` (sql/grants.sql), in one transaction."""
-    q = queries()
-    if not await conn.fetchval(q.role_exists, role):
-        raise NoSuchRole(
-            f"HUB_DATABASE_RUNTIME_ROLE: no role {role!r}: create it first "
-            "(CREATE ROLE … LOGIN PASSWORD …)"
-        )
-    # The file is written for psql (`-v runtime_role=…`); the same substitution here.
-    quoted = await conn.fetchval(q.quote_ident, role)
-    script = (sql_dir() / "grants.sql").read_text(encoding="utf-8")
-    async with conn.transaction():
-        await conn.execute(script.replace(':"runtime_role"', quoted))
+    return bool(await conn.fetchval(*queries().writable.bind()))
 
 
 # --- outbox and dead letters -----------------------------------------------
@@ -369,16 +370,17 @@ async def enqueue_outbox(conn: Connection, rows: list[OutboxRow]) -> None:
     if not rows:
         return
     await conn.execute(
-        queries().enqueue_outbox,
-        [r.event_id for r in rows],
-        [r.subject for r in rows],
-        [r.payload for r in rows],
-        [r.aggregate for r in rows],
+        *queries().enqueue_outbox.bind(
+            event_id=[r.event_id for r in rows],
+            subject=[r.subject for r in rows],
+            payload=[r.payload for r in rows],
+            aggregate=[r.aggregate for r in rows],
+        )
     )
 
 
 async def pending_outbox(conn: Connection, limit: int) -> list[PendingOutbound]:
-    rows = await conn.fetch(queries().pending_outbox, limit)
+    rows = await conn.fetch(*queries().pending_outbox.bind(limit=limit))
     return [
         PendingOutbound(r["id"], r["event_id"], r["subject"], r["payload"], r["aggregate"])
         for r in rows
@@ -387,11 +389,11 @@ async def pending_outbox(conn: Connection, limit: int) -> list[PendingOutbound]:
 
 async def delete_outbox(conn: Connection, ids: list[int]) -> None:
     if ids:
-        await conn.execute(queries().delete_outbox, ids)
+        await conn.execute(*queries().delete_outbox.bind(ids=ids))
 
 
 async def relax_durability(conn: Connection) -> None:
-    await conn.execute(queries().relax_durability)
+    await conn.execute(*queries().relax_durability.bind())
 
 
 @dataclass(frozen=True)
@@ -403,7 +405,7 @@ class OutboxBacklog:
 
 
 async def outbox_backlog(conn: Connection | Pool) -> OutboxBacklog:
-    row = await conn.fetchrow(queries().outbox_backlog)
+    row = await conn.fetchrow(*queries().outbox_backlog.bind())
     assert row is not None
     return OutboxBacklog(int(row["rows"]), row["oldest"], row["head"])
 
@@ -420,10 +422,11 @@ class SetAside:
 async def set_aside_outbox(conn: Connection, rows: list[SetAside]) -> None:
     if rows:
         await conn.execute(
-            queries().set_aside_outbox,
-            [r.id for r in rows],
-            [r.reason for r in rows],
-            [r.error for r in rows],
+            *queries().set_aside_outbox.bind(
+                id=[r.id for r in rows],
+                reason=[r.reason for r in rows],
+                error=[r.error for r in rows],
+            )
         )
 
 
@@ -452,16 +455,17 @@ async def insert_dead_letter(
     the `*_bytes` hold the exact subject and headers when those differ.
     """
     row = await conn.fetchrow(
-        queries().insert_dead_letter,
-        subject,
-        headers,
-        payload,
-        reason,
-        error,
-        deliveries,
-        stream_position,
-        subject_bytes,
-        headers_bytes,
+        *queries().insert_dead_letter.bind(
+            subject=subject,
+            headers=headers,
+            payload=payload,
+            reason=reason,
+            error=error,
+            deliveries=deliveries,
+            stream_position=stream_position,
+            subject_bytes=subject_bytes,
+            headers_bytes=headers_bytes,
+        )
     )
     return None if row is None else DeadLetterRow(row["id"], row["created_at"])
 
@@ -470,16 +474,16 @@ async def insert_dead_letter(
 
 
 async def try_lock(conn: Connection, namespace: int, key: int) -> bool:
-    return bool(await conn.fetchval(queries().try_lock, namespace, key))
+    return bool(await conn.fetchval(*queries().try_lock.bind(namespace=namespace, key=key)))
 
 
 async def unlock(conn: Connection, namespace: int, key: int) -> bool:
-    return bool(await conn.fetchval(queries().unlock, namespace, key))
+    return bool(await conn.fetchval(*queries().unlock.bind(namespace=namespace, key=key)))
 
 
 async def held_locks(conn: Connection, namespace: int, start: int, stop: int) -> set[int]:
     """Keys in [start, stop) of a namespace that some connection holds right now."""
-    rows = await conn.fetch(queries().held_locks, namespace, start, stop)
+    rows = await conn.fetch(*queries().held_locks.bind(namespace=namespace, start=start, stop=stop))
     return {int(r["objid"]) for r in rows}
 
 
@@ -488,25 +492,29 @@ async def held_locks(conn: Connection, namespace: int, start: int, stop: int) ->
 
 async def beat(conn: Connection, worker_id: str) -> None:
     """Say that worker `worker_id` is alive (the database's clock)."""
-    await conn.execute(queries().beat, worker_id)
+    await conn.execute(*queries().beat.bind(worker_id=worker_id))
 
 
 async def silent_workers(conn: Connection, silent_seconds: float) -> list[str]:
     """Workers whose last beat is older than `silent_seconds`."""
-    return [str(r["worker_id"]) for r in await conn.fetch(queries().silent_workers, silent_seconds)]
+    rows = await conn.fetch(*queries().silent_workers.bind(silent_seconds=silent_seconds))
+    return [str(r["worker_id"]) for r in rows]
 
 
 async def end_silent_worker(conn: Connection, worker_id: str, silent_seconds: float) -> int:
     """Terminate the tagged backends of `worker_id` if it is still silent; how many."""
-    return int(await conn.fetchval(queries().end_silent_worker, worker_id, silent_seconds))
+    query = queries().end_silent_worker
+    return int(await conn.fetchval(*query.bind(worker_id=worker_id, silent_seconds=silent_seconds)))
 
 
 async def forget_worker(conn: Connection, worker_id: str) -> None:
-    await conn.execute(queries().forget_worker, worker_id)
+    await conn.execute(*queries().forget_worker.bind(worker_id=worker_id))
 
 
 async def purge_ledger(conn: Connection, older_than_seconds: float, batch: int) -> int:
-    status: str = await conn.execute(queries().purge_ledger, older_than_seconds, batch)
+    status: str = await conn.execute(
+        *queries().purge_ledger.bind(older_than_seconds=older_than_seconds, batch=batch)
+    )
     return int(status.split()[-1])
 
 
@@ -515,7 +523,9 @@ async def purge_ledger(conn: Connection, older_than_seconds: float, batch: int) 
 
 async def claim_schedule(conn: Connection, name: str, interval_seconds: float) -> int | None:
     """Claim this interval's run of a periodic duty: its run number, or None if it ran."""
-    runs = await conn.fetchval(queries().claim_schedule, name, interval_seconds)
+    runs = await conn.fetchval(
+        *queries().claim_schedule.bind(name=name, interval_seconds=interval_seconds)
+    )
     return None if runs is None else int(runs)
 
 
@@ -523,7 +533,11 @@ async def stalled_sessions(
     conn: Connection, stall_after_seconds: float, limit: int, anomaly_type: str
 ) -> list[str]:
     """Silent sessions without an active stall detection yet."""
-    rows = await conn.fetch(queries().stalled_sessions, stall_after_seconds, limit, anomaly_type)
+    rows = await conn.fetch(
+        *queries().stalled_sessions.bind(
+            stall_after_seconds=stall_after_seconds, limit=limit, anomaly_type=anomaly_type
+        )
+    )
     return [r["id"] for r in rows]
 
 
@@ -544,13 +558,14 @@ async def open_stalls(
 ) -> list[DetectionState]:
     """Open a stall detection for each candidate still stalled and without an active one."""
     rows = await conn.fetch(
-        queries().open_stalls,
-        [c.session_id for c in candidates],
-        [c.dedup_key for c in candidates],
-        [c.detection_id for c in candidates],
-        anomaly_type,
-        severity,
-        stall_after_seconds,
+        *queries().open_stalls.bind(
+            session_id=[c.session_id for c in candidates],
+            dedup_key=[c.dedup_key for c in candidates],
+            detection_id=[c.detection_id for c in candidates],
+            anomaly_type=anomaly_type,
+            severity=severity,
+            stall_after_seconds=stall_after_seconds,
+        )
     )
     return [DetectionState.model_validate(dict(r)) for r in rows]
 
@@ -560,18 +575,22 @@ async def open_stalls(
 
 async def lock_detection(conn: Connection, detection_id: str) -> tuple[bool, bool]:
     """(exists, resolved) of a detection, locking its row."""
-    row = await conn.fetchrow(queries().lock_detection, detection_id)
+    row = await conn.fetchrow(*queries().lock_detection.bind(detection_id=detection_id))
     return (row is not None, row is not None and row["resolved_at"] is not None)
 
 
 async def account_exists(conn: Connection, account_id: str) -> bool:
-    return bool(await conn.fetchval(queries().account_exists, account_id))
+    return bool(await conn.fetchval(*queries().account_exists.bind(account_id=account_id)))
 
 
 async def resolve_detection(
     conn: Connection, detection_id: str, resolved_by: str, resolution: str
 ) -> DetectionState | None:
-    row = await conn.fetchrow(queries().resolve_detection, detection_id, resolved_by, resolution)
+    row = await conn.fetchrow(
+        *queries().resolve_detection.bind(
+            detection_id=detection_id, resolved_by=resolved_by, resolution=resolution
+        )
+    )
     return None if row is None else DetectionState.model_validate(dict(row))
 
 
@@ -586,7 +605,7 @@ async def upsert_account(
     conn: Connection, account_id: str, name: str | None
 ) -> tuple[Account, bool]:
     """The account, and whether it was created now (False: it existed)."""
-    row = await conn.fetchrow(queries().upsert_account, account_id, name)
+    row = await conn.fetchrow(*queries().upsert_account.bind(account_id=account_id, name=name))
     assert row is not None
     return Account(row["id"], row["name"], row["created_at"]), bool(row["created"])
 
@@ -594,7 +613,7 @@ async def upsert_account(
 async def list_accounts(conn: Connection) -> list[Account]:
     return [
         Account(r["id"], r["name"], r["created_at"])
-        for r in await conn.fetch(queries().list_accounts)
+        for r in await conn.fetch(*queries().list_accounts.bind())
     ]
 
 
@@ -605,7 +624,11 @@ async def list_detections(
     conn: Connection, *, include_resolved: bool, session_id: str | None, limit: int
 ) -> list[DetectionState]:
     """Active detections, highest severity first; with include_resolved, the latest changed."""
-    rows = await conn.fetch(queries().list_detections, include_resolved, session_id, limit)
+    rows = await conn.fetch(
+        *queries().list_detections.bind(
+            include_resolved=include_resolved, session_id=session_id, limit=limit
+        )
+    )
     return [DetectionState.model_validate(dict(r)) for r in rows]
 
 
@@ -645,20 +668,22 @@ async def list_dead_letters(
     conn: Connection, *, reason: str | None, limit: int
 ) -> list[DeadLetter]:
     """Newest first, of one reason or all."""
-    rows = await conn.fetch(queries().list_dead_letters, reason, limit)
+    rows = await conn.fetch(*queries().list_dead_letters.bind(reason=reason, limit=limit))
     return [_dead_letter_row(r) for r in rows]
 
 
 async def dead_letters_by_id(conn: Connection, ids: list[int]) -> list[DeadLetter]:
     """The dead letters with these ids that exist, in id order."""
-    rows = await conn.fetch(queries().dead_letters_by_id, ids)
+    rows = await conn.fetch(*queries().dead_letters_by_id.bind(ids=ids))
     return [_dead_letter_row(r) for r in rows]
 
 
 async def begin_dead_letter_replay(conn: Connection, dead_letter_id: int) -> int | None:
     """Record a replay about to be published: its number (that of an unconfirmed earlier
     attempt, retried), or None when the letter is gone."""
-    count = await conn.fetchval(queries().begin_dead_letter_replay, dead_letter_id)
+    count = await conn.fetchval(
+        *queries().begin_dead_letter_replay.bind(dead_letter_id=dead_letter_id)
+    )
     return None if count is None else int(count)
 
 
@@ -667,7 +692,9 @@ async def mark_dead_letter_replayed(
 ) -> tuple[datetime, int] | None:
     """Confirm replay number `replay` was stored by JetStream: (replayed_at, replay_count),
     or None when the letter is gone or a later replay has begun meanwhile."""
-    row = await conn.fetchrow(queries().mark_dead_letter_replayed, dead_letter_id, replay)
+    row = await conn.fetchrow(
+        *queries().mark_dead_letter_replayed.bind(dead_letter_id=dead_letter_id, replay=replay)
+    )
     return None if row is None else (row["replayed_at"], int(row["replay_count"]))
 
 
@@ -689,7 +716,7 @@ class LockHolder:
 
 
 async def lock_holders(conn: Connection, namespace: int) -> list[LockHolder]:
-    rows = await conn.fetch(queries().lock_holders, namespace)
+    rows = await conn.fetch(*queries().lock_holders.bind(namespace=namespace))
     return [
         LockHolder(
             int(r["key"]),
@@ -703,12 +730,12 @@ async def lock_holders(conn: Connection, namespace: int) -> list[LockHolder]:
 
 
 async def dead_letters_by_reason(conn: Connection, within_seconds: float) -> dict[str, int]:
-    rows = await conn.fetch(queries().dead_letters_by_reason, within_seconds)
+    rows = await conn.fetch(*queries().dead_letters_by_reason.bind(within_seconds=within_seconds))
     return {str(r["reason"]): int(r["letters"]) for r in rows}
 
 
 async def active_detections_by_severity(conn: Connection) -> dict[str, int]:
-    rows = await conn.fetch(queries().active_detections_by_severity)
+    rows = await conn.fetch(*queries().active_detections_by_severity.bind())
     return {str(r["severity"]): int(r["detections"]) for r in rows}
 
 
@@ -757,29 +784,33 @@ async def load_snapshot(
     event: the owner of a session this creates.
     """
     q = queries()
-    start = await conn.fetchrow(q.batch_start, event_ids)
+    start = await conn.fetchrow(*q.batch_start.bind(event_ids=event_ids))
     assert start is not None
     now, applied = start["now"], set(start["applied"])
     session_ids = sorted(first_spokes)
-    await conn.execute(q.create_new_sessions, session_ids, [first_spokes[s] for s in session_ids])
+    await conn.execute(
+        *q.create_new_sessions.bind(id=session_ids, spoke_id=[first_spokes[s] for s in session_ids])
+    )
     sessions: dict[str, SessionRow] = {}
     mappings: dict[str, MappingRow] = {}
-    for r in await conn.fetch(q.lock_sessions, session_ids):
+    for r in await conn.fetch(*q.lock_sessions.bind(session_ids=session_ids)):
         sessions[r["id"]] = _session_row(r)
         if r["m_id"] is not None:
             mappings[r["id"]] = _mapping_row(r)
     active = {
         r["dedup_key"]: DetectionRow(**dict(r))
-        for r in await conn.fetch(q.active_detections_of_sessions, session_ids)
+        for r in await conn.fetch(*q.active_detections_of_sessions.bind(session_ids=session_ids))
     }
     resolved = {
         r["dedup_key"]: DetectionRow(**dict(r))
-        for r in await conn.fetch(q.newest_resolved_detections, signal_keys)
+        for r in await conn.fetch(*q.newest_resolved_detections.bind(dedup_key=signal_keys))
     }
     return Snapshot(now, applied, sessions, mappings, active, resolved)
 
 
-# The unnest() parameters of batch.sql's writes, in their order; jsonb travels as text.
+# The columns batch.sql's unnest() writes take, each a parameter of that name (a list
+# per column: `unnest(:id::text[], :status::text[], …) AS s (id, status, …)`); jsonb
+# travels as text.
 _SESSION_COLUMNS = (
     "id",
     "spoke_id",
@@ -829,12 +860,15 @@ _NEW_DETECTION_COLUMNS = (
 _JSON_COLUMNS = frozenset({"metadata", "details"})
 
 
-def _columns(rows: Sequence[object], names: tuple[str, ...]) -> list[list[Any]]:
-    """Rows turned into one list per column, for `unnest($1::…[], $2::…[], …)`."""
-    return [
-        [_json_text(getattr(r, name)) if name in _JSON_COLUMNS else getattr(r, name) for r in rows]
+def _columns(rows: Sequence[object], names: tuple[str, ...]) -> dict[str, list[Any]]:
+    """Rows turned into one list per column, keyed by the column's (the parameter's) name."""
+    return {
+        name: [
+            _json_text(getattr(r, name)) if name in _JSON_COLUMNS else getattr(r, name)
+            for r in rows
+        ]
         for name in names
-    ]
+    }
 
 
 class LedgerConflict(Exception):
@@ -845,7 +879,7 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
     """Write what `worker.batch.simulate` decided, set-based, in dependency order."""
     q = queries()
     if plan.ledger:
-        recorded = await conn.fetch(q.record_events, plan.ledger)
+        recorded = await conn.fetch(*q.record_events.bind(event_ids=plan.ledger))
         if len(recorded) != len(plan.ledger):
             raise LedgerConflict(
                 f"{len(plan.ledger) - len(recorded)} events were applied meanwhile"
@@ -856,21 +890,25 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
         (q.ensure_tasks, plan.tasks),
     ):
         if keys:
-            await conn.execute(query, sorted(keys))
+            await conn.execute(*query.bind(id=sorted(keys)))
     if plan.sessions:
         sessions = sorted(plan.sessions.values(), key=lambda r: r.id)
-        await conn.execute(q.upsert_sessions, *_columns(sessions, _SESSION_COLUMNS))
+        await conn.execute(*q.upsert_sessions.bind(**_columns(sessions, _SESSION_COLUMNS)))
     if plan.parent_sessions:
-        await conn.execute(q.ensure_parent_sessions, sorted(plan.parent_sessions))
+        await conn.execute(*q.ensure_parent_sessions.bind(id=sorted(plan.parent_sessions)))
     mappings = [*plan.new_mappings.values(), *plan.changed_mappings.values()]
     if mappings:
-        await conn.execute(q.upsert_mappings, *_columns(mappings, _MAPPING_COLUMNS))
+        await conn.execute(*q.upsert_mappings.bind(**_columns(mappings, _MAPPING_COLUMNS)))
     if plan.changed_detections:
         changed = sorted(plan.changed_detections.values(), key=lambda d: d.id)
-        await conn.execute(q.update_detections, *_columns(changed, _CHANGED_DETECTION_COLUMNS))
+        await conn.execute(
+            *q.update_detections.bind(**_columns(changed, _CHANGED_DETECTION_COLUMNS))
+        )
     if plan.new_detections:
         new = list(plan.new_detections.values())
-        written = await conn.fetch(q.insert_detections, *_columns(new, _NEW_DETECTION_COLUMNS))
+        written = await conn.fetch(
+            *q.insert_detections.bind(**_columns(new, _NEW_DETECTION_COLUMNS))
+        )
         if any(r["merged"] for r in written):
             raise LedgerConflict("an active detection of the batch's keys appeared meanwhile")
     await enqueue_outbox(conn, plan.outbound)

@@ -88,8 +88,3 @@ def ended_status(lifecycle: Lifecycle) -> SessionStatus | None:
     if lifecycle == "aborted":
         return "aborted"
     return None
-
-
-def retry_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff before attempt `attempt + 1` (attempt counts from 1)."""
-    return float(min(cap, base * (2 ** max(0, attempt - 1))))

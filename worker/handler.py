@@ -46,10 +46,11 @@ from worker.constants import (
     RECONNECT_MAX_SECONDS,
 )
 from worker.db import Connection
-from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason, retry_delay
+from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason
 from worker.effects import apply_batch
 from worker.intake import Intake, decode
 from worker.metrics import Metrics
+from worker.retry import Backoff
 from worker.storable import StoredForms, ascii_only, header_block, stored_forms
 from worker.subjects import as_published
 from worker.wire import WireMsg, raw
@@ -127,14 +128,13 @@ class MessageHandler:
         settles each message after its own commit, as before."""
         started = time.perf_counter()
         messages = [self._decode(msg) for msg in msgs]
-        waits = 0
+        waiting = _database_waits(release)
         while True:
             try:
                 outcomes = await self._commit(conn, messages)
                 break
             except db.TRANSIENT_ERRORS as err:
-                waits += 1
-                await self._wait_out(conn, messages, err, waits, started, release)
+                await self._wait_out(conn, messages, err, waiting, started)
             except Exception as err:
                 self._raise_if_lost(conn, err, messages, started)
                 log.warning(
@@ -159,39 +159,41 @@ class MessageHandler:
         self, conn: Connection, message: _Message, started: float, release: asyncio.Event | None
     ) -> Handled:
         """One message in its own transaction, retried in place until it gives up."""
-        failures = 0
-        waits = 0
+        # Its own failures: HANDLER_ATTEMPTS, then the next way to settle it. Not cut
+        # short by a release: a few seconds, and the message must be settled in order.
+        attempts = Backoff(
+            HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS, limit=HANDLER_ATTEMPTS
+        )
+        waiting = _database_waits(release)
         while True:
             try:
                 (handled,) = await self._commit(conn, [message])
                 break
             except db.TRANSIENT_ERRORS as err:
-                waits += 1
-                await self._wait_out(conn, [message], err, waits, started, release)
+                await self._wait_out(conn, [message], err, waiting, started)
                 continue
             except Exception as err:
                 self._raise_if_lost(conn, err, [message], started)
-                failures += 1
-                if failures >= HANDLER_ATTEMPTS:
-                    failures = 0
+                delay = attempts.failed()
+                if attempts.exhausted:
+                    attempts.succeeded()
                     if not self._give_up(message, err):
                         handled = Handled("unstored", "unstorable")
                         self._log_unstored(message, err)
                         break
                     continue
-                delay = retry_delay(failures, HANDLER_RETRY_BASE_SECONDS, HANDLER_RETRY_MAX_SECONDS)
                 self.metrics.events.labels(message.kind, "retried").inc()
                 log.warning(
                     "event.retry",
                     action="event.retry",
                     subject=message.subject,
-                    attempt=failures,
+                    attempt=attempts.failures,
                     error=_described(err),
                     retry_in=delay,
                 )
                 with contextlib.suppress(*NATS_ERRORS):
                     await message.msg.in_progress()
-                await asyncio.sleep(delay)
+                await attempts.sleep(delay)
         await self._settle(message, handled, started)
         return handled
 
@@ -221,18 +223,20 @@ class MessageHandler:
         conn: Connection,
         messages: list[_Message],
         err: Exception,
-        waits: int,
+        waiting: Backoff,
         started: float,
-        release: asyncio.Event | None,
     ) -> None:
-        """Back off before the same transaction again: the database, not the messages, failed."""
+        """Back off before the same transaction again: the database, not the messages, failed.
+
+        Raises Released when the lane is asked to let go meanwhile (`waiting.stopping`).
+        """
         self._raise_if_lost(conn, err, messages, started)
-        delay = retry_delay(waits, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+        delay = waiting.failed()
         log.warning(
             "batch.waiting_for_database",
             action="batch.wait",
             messages=len(messages),
-            waits=waits,
+            waits=waiting.failures,
             error=_described(err),
             retry_in=delay,
         )
@@ -240,14 +244,10 @@ class MessageHandler:
             # Keeps the server from redelivering them meanwhile (the ack wait restarts).
             with contextlib.suppress(*NATS_ERRORS):
                 await message.msg.in_progress()
-        if release is None:
-            await asyncio.sleep(delay)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(release.wait(), timeout=delay)
-            if release.is_set():
-                self._requeued(messages, started)
-                raise Released(f"released while waiting for the database: {_described(err)}")
+        await waiting.sleep(delay)
+        if waiting.stopping is not None and waiting.stopping.is_set():
+            self._requeued(messages, started)
+            raise Released(f"released while waiting for the database: {_described(err)}")
 
     def _raise_if_lost(
         self, conn: Connection, err: Exception, messages: list[_Message], started: float
@@ -433,6 +433,11 @@ class MessageHandler:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             **({"reason": reason} if reason else {}),
         )
+
+
+def _database_waits(release: asyncio.Event | None) -> Backoff:
+    """The backoff of waiting out a transient database condition, for as long as it lasts."""
+    return Backoff(RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=release)
 
 
 def _described(err: Exception) -> str:

@@ -11,7 +11,7 @@ order.
 
 Workers share the lanes fairly: each live worker (counted through member
 slots, also advisory locks) owns at most ceil(lanes / workers); one that
-owns more hands the surplus back after the message in hand.
+owns more hands the surplus back after the batch in hand.
 
 A hung owner (stopped with SIGSTOP, say) keeps its connections, hence its
 locks: the kernel answers keepalives for it. So each lane manager beats in
@@ -50,12 +50,12 @@ from worker.constants import (
     RECONNECT_MAX_SECONDS,
     REPAIR_AFTER_FAILURES,
 )
-from worker.domain import retry_delay
 from worker.handler import LaneLost, MessageHandler
 from worker.leadership import close_quietly, pause
 from worker.locks import MEMBER_KEY_BASE
 from worker.metrics import Metrics
 from worker.partitions import Lane
+from worker.retry import Backoff
 
 log = structlog.get_logger("worker.lanes")
 
@@ -156,7 +156,7 @@ class LaneManager:
         return found
 
     async def run(self, stopping: asyncio.Event) -> None:
-        failures = 0
+        backoff = Backoff(RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
         control: db.Connection | None = None
         beaten_at = round_at = time.monotonic()
         try:
@@ -181,10 +181,9 @@ class LaneManager:
                     if not held_up:
                         await self._end_silent_workers(control)
                     await self._rebalance(control)
-                    failures = 0
+                    backoff.succeeded()
                 except db.CONNECTION_ERRORS as err:
-                    failures += 1
-                    delay = retry_delay(failures, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+                    delay = backoff.failed()
                     log.warning(
                         "lanes.database_unreachable",
                         action="lanes.claim",
@@ -194,7 +193,7 @@ class LaneManager:
                     if control is not None:
                         await close_quietly(control)
                         control = None
-                    await pause(stopping, delay)
+                    await backoff.sleep(delay)
                     continue
                 self._reap()
                 await pause(stopping, LANE_CLAIM_INTERVAL_SECONDS)
@@ -315,7 +314,13 @@ class LaneManager:
             position = await self.bus.take_over(lane)
             next_delivery: int | None = position.next_delivery
             subscription = await self.bus.pull(lane)
-            failures = 0
+            # Exhausted after REPAIR_AFTER_FAILURES: then each failure repairs the lane.
+            fetching = Backoff(
+                RECONNECT_BASE_SECONDS,
+                RECONNECT_MAX_SECONDS,
+                stopping=owned.release,
+                limit=REPAIR_AFTER_FAILURES,
+            )
             while not owned.release.is_set():
                 if conn.is_closed():
                     # Terminated (a peer took us for hung) or cut: the lock is
@@ -326,27 +331,23 @@ class LaneManager:
                 except TimeoutError:
                     continue
                 except NATS_ERRORS as err:
-                    failures += 1
-                    delay = retry_delay(failures, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+                    delay = fetching.failed()
                     log.warning(
                         "lane.fetch_failed",
                         action="lane.fetch",
                         lane=lane.durable,
                         error=str(err) or type(err).__name__,
-                        failures=failures,
+                        failures=fetching.failures,
                         retry_in=delay,
                     )
-                    await pause(owned.release, delay)
-                    if (
-                        isinstance(err, nats.js.errors.NotFoundError)
-                        or failures >= REPAIR_AFTER_FAILURES
-                    ):
+                    await fetching.sleep(delay)
+                    if isinstance(err, nats.js.errors.NotFoundError) or fetching.exhausted:
                         # The consumer (or the stream) was deleted under us, or
                         # fetching keeps failing: recreate what is missing and
                         # bind afresh.
                         subscription = await self._repair(lane, subscription)
                     continue
-                failures = 0
+                fetching.succeeded()
                 deliveries = [m.metadata.sequence.consumer for m in batch]
                 expected = deliveries[0] if next_delivery is None else next_delivery
                 if deliveries != list(range(expected, expected + len(batch))):

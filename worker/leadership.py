@@ -15,7 +15,7 @@ import structlog
 
 from worker import db
 from worker.constants import LEADER_RETRY_SECONDS, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS
-from worker.domain import retry_delay
+from worker.retry import Backoff
 
 log = structlog.get_logger("worker.leadership")
 
@@ -37,7 +37,7 @@ async def lead(
     lock, a bug) is logged, the connection and with it the leadership let go,
     and leadership sought again after a backoff: a duty never stops the worker.
     """
-    failures = 0
+    backoff = Backoff(RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
     while not stopping.is_set():
         conn: db.Connection | None = None
         try:
@@ -46,13 +46,12 @@ async def lead(
                 if await db.try_lock(conn, lock_namespace, lock_key):
                     log.info("leader.elected", action="leader.elected", role=role)
                     await duty(conn, stopping)
-                    failures = 0
+                    backoff.succeeded()
                     await db.unlock(conn, lock_namespace, lock_key)
                     break
                 await pause(stopping, LEADER_RETRY_SECONDS)
         except Exception as err:
-            failures += 1
-            delay = retry_delay(failures, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS)
+            delay = backoff.failed()
             if isinstance(err, db.CONNECTION_ERRORS + db.TRANSIENT_ERRORS):
                 log.warning(
                     "leader.lost", action="leader.lost", role=role, error=str(err), retry_in=delay
@@ -66,7 +65,7 @@ async def lead(
                     retry_in=delay,
                     exc_info=True,
                 )
-            await pause(stopping, delay)
+            await backoff.sleep(delay)
         finally:
             if conn is not None:
                 await close_quietly(conn)

@@ -33,9 +33,15 @@ import structlog
 from worker import db
 from worker.bus import Bus
 from worker.connection import NATS_ERRORS
-from worker.constants import RECONNECT_MAX_SECONDS, RELAY_BATCH, RELAY_POLL_SECONDS, RELAY_WINDOW
-from worker.leadership import pause
+from worker.constants import (
+    RECONNECT_MAX_SECONDS,
+    RELAY_BATCH,
+    RELAY_POLL_SECONDS,
+    RELAY_RETRY_BASE_SECONDS,
+    RELAY_WINDOW,
+)
 from worker.metrics import Metrics
+from worker.retry import Backoff
 from worker.subjects import captured_by
 
 log = structlog.get_logger("worker.relay")
@@ -83,13 +89,16 @@ class OutboxRelay:
         # Nats-Msg-Id, so the relay's own commits need not wait for the disk.
         await db.relax_durability(conn)
         await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+        # NATS not taking publishes (a missing or full stream, a reconnect): wait it out,
+        # from a second on: each attempt is a window of publishes and a log line.
+        refused = Backoff(RELAY_RETRY_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
         try:
             while not stopping.is_set():
                 wake.clear()
                 if not await self.drain(conn):
-                    # NATS is not taking publishes: wait before trying again.
-                    await pause(stopping, RECONNECT_MAX_SECONDS)
+                    await refused.sleep(refused.failed())
                     continue
+                refused.succeeded()
                 waiter = asyncio.create_task(wake.wait())
                 stopper = asyncio.create_task(stopping.wait())
                 # Polling covers a lost notification (e.g. across a reconnect).

@@ -2,13 +2,14 @@
 -- and lock what the batch can touch, worker.batch decides in memory, a few
 -- set-based statements write the result. All in the caller's transaction.
 -- Keys are written in sorted order so that concurrent workers lock shared rows
--- (spokes, workspaces, tasks, parent sessions) in the same order.
+-- (spokes, workspaces, tasks, parent sessions) in the same order. The set-based
+-- writes take one array per column, each named after the column it becomes.
 
 -- name: batch_start
 -- The transaction's clock (every "now" of the batch), and which of the batch's
 -- eventIds the ledger has already: one round trip.
 SELECT now() AS now,
-       ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY($1::uuid[])) AS applied;
+       ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(:event_ids::uuid[])) AS applied;
 
 -- name: create_new_sessions
 -- Sessions seen for the first time are created (with the spoke of their first
@@ -16,7 +17,7 @@ SELECT now() AS now,
 -- every event of a session, new or not, serialises on the session's row.
 WITH new_session AS (
     SELECT s.id, s.spoke_id
-    FROM unnest($1::text[], $2::text[]) AS s (id, spoke_id)
+    FROM unnest(:id::text[], :spoke_id::text[]) AS s (id, spoke_id)
     WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE sessions.id = s.id)
 ), new_spoke AS (
     INSERT INTO spokes (id)
@@ -39,14 +40,14 @@ SELECT s.id, s.spoke_id, s.status, s.last_activity_at, s.ended_at, s.archived_at
        m.status AS m_status, m.metadata AS m_metadata, m.created_at AS m_created_at,
        m.updated_at AS m_updated_at
 FROM sessions AS s LEFT JOIN mappings AS m ON m.session_id = s.id
-WHERE s.id = ANY($1::text[])
+WHERE s.id = ANY(:session_ids::text[])
 ORDER BY s.id
 FOR NO KEY UPDATE OF s;
 
 -- name: active_detections_of_sessions
 SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
        created_at, updated_at, resolved_at, resolved_by, resolution
-FROM detections WHERE session_id = ANY($1::text[]) AND resolved_at IS NULL
+FROM detections WHERE session_id = ANY(:session_ids::text[]) AND resolved_at IS NULL
 ORDER BY id
 FOR NO KEY UPDATE;
 
@@ -57,7 +58,7 @@ FOR NO KEY UPDATE;
 SELECT d.id, d.session_id, d.anomaly_type, d.severity, d.details, d.dedup_key,
        d.occurrence_count, d.created_at, d.updated_at, d.resolved_at, d.resolved_by,
        d.resolution
-FROM unnest($1::text[]) AS k (dedup_key)
+FROM unnest(:dedup_key::text[]) AS k (dedup_key)
 CROSS JOIN LATERAL (
     SELECT * FROM detections
     WHERE detections.dedup_key = k.dedup_key AND resolved_at IS NOT NULL
@@ -69,25 +70,25 @@ CROSS JOIN LATERAL (
 -- The once-only ledger; fewer rows back than given means another transaction
 -- applied one of them meanwhile, and the batch is retried one by one.
 INSERT INTO processed_events (event_id)
-SELECT unnest($1::uuid[])
+SELECT unnest(:event_ids::uuid[])
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id;
 
 -- name: ensure_spokes
-INSERT INTO spokes (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+INSERT INTO spokes (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
 ON CONFLICT (id) DO NOTHING;
 
 -- name: ensure_workspaces
-INSERT INTO workspaces (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+INSERT INTO workspaces (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
 ON CONFLICT (id) DO NOTHING;
 
 -- name: ensure_tasks
-INSERT INTO tasks (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+INSERT INTO tasks (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
 ON CONFLICT (id) DO NOTHING;
 
 -- name: ensure_parent_sessions
 -- A coordinator's session the hub has not heard from gets a row with no spoke.
-INSERT INTO sessions (id) SELECT id FROM unnest($1::text[]) AS t (id) ORDER BY id
+INSERT INTO sessions (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
 ON CONFLICT (id) DO NOTHING;
 
 -- name: upsert_sessions
@@ -95,8 +96,8 @@ ON CONFLICT (id) DO NOTHING;
 -- just created it as someone's parent (no spoke yet): this lane's state wins.
 INSERT INTO sessions (id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata)
 SELECT id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
-            $6::timestamptz[], $7::text[])
+FROM unnest(:id::text[], :spoke_id::text[], :status::text[], :last_activity_at::timestamptz[],
+            :ended_at::timestamptz[], :archived_at::timestamptz[], :metadata::text[])
      AS s (id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata)
 ORDER BY id
 ON CONFLICT (id) DO UPDATE SET
@@ -113,8 +114,9 @@ INSERT INTO mappings (id, session_id, spoke_id, workspace_id, parent_session_id,
                       task, status, metadata, created_at, updated_at)
 SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
        metadata::jsonb, created_at, updated_at
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[])
+FROM unnest(:id::text[], :session_id::text[], :spoke_id::text[], :workspace_id::text[],
+            :parent_session_id::text[], :task_id::text[], :task::text[], :status::text[],
+            :metadata::text[], :created_at::timestamptz[], :updated_at::timestamptz[])
      AS m (id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
            metadata, created_at, updated_at)
 ORDER BY session_id
@@ -133,8 +135,9 @@ UPDATE detections AS d SET
     resolved_at = c.resolved_at,
     resolved_by = c.resolved_by,
     resolution = c.resolution
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[],
-            $6::timestamptz[], $7::text[], $8::text[])
+FROM unnest(:id::text[], :severity::text[], :details::text[], :occurrence_count::int[],
+            :updated_at::timestamptz[], :resolved_at::timestamptz[], :resolved_by::text[],
+            :resolution::text[])
      AS c (id, severity, details, occurrence_count, updated_at, resolved_at, resolved_by,
            resolution)
 WHERE d.id = c.id;
@@ -149,9 +152,10 @@ INSERT INTO detections (id, session_id, anomaly_type, severity, details, dedup_k
                         resolution)
 SELECT id, session_id, anomaly_type, severity, details::jsonb, dedup_key, occurrence_count,
        created_at, updated_at, resolved_at, resolved_by, resolution
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::int[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[],
-            $12::text[])
+FROM unnest(:id::text[], :session_id::text[], :anomaly_type::text[], :severity::text[],
+            :details::text[], :dedup_key::text[], :occurrence_count::int[],
+            :created_at::timestamptz[], :updated_at::timestamptz[], :resolved_at::timestamptz[],
+            :resolved_by::text[], :resolution::text[])
      AS n (id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
            created_at, updated_at, resolved_at, resolved_by, resolution)
 ORDER BY resolved_at NULLS LAST

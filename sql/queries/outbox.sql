@@ -1,18 +1,19 @@
--- The transactional outbox and the dead letters it announces.
+-- The transactional outbox: outbound events written with the change, published by
+-- the relay after commit, deleted once JetStream acknowledged them.
 
 -- name: enqueue_outbox
 -- Outbound events written in the caller's transaction, in the order given.
 INSERT INTO outbox (event_id, subject, payload, aggregate)
 SELECT event_id, subject, payload, aggregate
-FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[]) WITH ORDINALITY
-     AS pending (event_id, subject, payload, aggregate, position)
+FROM unnest(:event_id::uuid[], :subject::text[], :payload::bytea[], :aggregate::text[])
+     WITH ORDINALITY AS pending (event_id, subject, payload, aggregate, position)
 ORDER BY position;
 
 -- name: pending_outbox
-SELECT id, event_id, subject, payload, aggregate FROM outbox ORDER BY id LIMIT $1;
+SELECT id, event_id, subject, payload, aggregate FROM outbox ORDER BY id LIMIT :limit;
 
 -- name: delete_outbox
-DELETE FROM outbox WHERE id = ANY($1::bigint[]);
+DELETE FROM outbox WHERE id = ANY(:ids::bigint[]);
 
 -- name: outbox_backlog
 -- `head` is the next row the relay must publish: while it stays the same, the relay
@@ -23,7 +24,7 @@ SELECT count(*) AS rows, min(created_at) AS oldest, min(id) AS head FROM outbox;
 -- Rows JetStream refused for good move out of the outbox with the reason, in one
 -- statement: a row is either still pending or set aside, never both nor neither.
 WITH refused AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS r (id, reason, error)
+    SELECT * FROM unnest(:id::bigint[], :reason::text[], :error::text[]) AS r (id, reason, error)
 ), moved AS (
     DELETE FROM outbox o USING refused r WHERE o.id = r.id
     RETURNING o.id, o.event_id, o.subject, o.payload, o.aggregate, o.created_at
@@ -32,14 +33,6 @@ INSERT INTO outbox_set_aside (id, event_id, subject, payload, aggregate, created
 SELECT m.id, m.event_id, m.subject, m.payload, m.aggregate, m.created_at, r.reason, r.error
 FROM moved m JOIN refused r USING (id)
 ON CONFLICT (id) DO NOTHING;
-
--- name: insert_dead_letter
--- A redelivered message that was already dead-lettered returns nothing.
-INSERT INTO dead_letters (subject, headers, payload, reason, error, deliveries, stream_position,
-                          subject_bytes, headers_bytes)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-ON CONFLICT (stream_position) DO NOTHING
-RETURNING id, created_at;
 
 -- name: relax_durability
 -- For the relay's own connection: its commits only delete published rows.

@@ -10,7 +10,7 @@ import pytest
 
 from tests.acceptance.test_cli_ops import cli, one_sentence
 from tests.support import Hub
-from worker import db
+from worker import schema
 from worker.cli.deadletters import replay_msg_id
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,7 @@ async def runtime_url(hub: Hub) -> AsyncIterator[str]:
     """The hub's database as a role with exactly the rights of sql/grants.sql."""
     role = f"hub_runtime_{uuid4().hex[:10]}"
     await hub.db.execute(f'CREATE ROLE "{role}" LOGIN')
-    await db.grant_runtime(hub.db, role)
+    await schema.grant_runtime(hub.db, role)
     try:
         yield hub.database_url.replace("://postgres@", f"://{role}@", 1)
     finally:

@@ -16,8 +16,8 @@ import pytest
 
 from tests.integration.test_workers import assert_outbound_matches_tables, assert_tables_match
 from tests.support import Hub, open_hub
-from tests.workload import Published, expect, generate
-from worker import db
+from tests.support.workload import Published, expect, generate
+from worker import db, schema
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres
 
@@ -53,7 +53,7 @@ async def test_chaos(
     nats_server = EmbeddedNats(scratch / "nats")
     dsn, url = postgres.start(), nats_server.start()
     conn = await db.connect(dsn)
-    await db.migrate(conn)
+    await schema.migrate(conn)
     await conn.close()
     stream = generate(sessions=SESSIONS, seed=99)
     faults: list[str] = []

@@ -17,7 +17,7 @@ from tests.integration.test_workers import (
     publish_all,
 )
 from tests.support import open_hub, wait_until
-from tests.workload import expect, generate
+from tests.support.workload import expect, generate
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, free_port
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -14,7 +17,7 @@ import asyncpg
 import pytest
 
 from tests.support import ROOT, Hub, now_iso, with_database
-from worker import db
+from worker import db, schema
 from worker.effects import apply_batch
 from worker.intake import decode
 
@@ -51,7 +54,7 @@ async def test_concurrent_migrate_commands_apply_each_migration_once(empty_datab
     conn = await asyncpg.connect(empty_database)
     try:
         versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
-        assert versions == [version for version, _ in db.migration_files()]
+        assert versions == [version for version, _ in schema.migration_files()]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
@@ -96,9 +99,10 @@ async def test_detections_have_a_partial_unique_index_on_active_dedup_key(hub: H
     await hub.db.execute(insert, "active-again", None)
 
 
-async def race_signals(database_url: str, prefix: str, writers: int) -> None:
+async def race_signals(database_url: str, prefix: str, writers: int) -> list[BaseException]:
     """`writers` workers' transactions apply a signal of one dedup key at the same
-    moment, bypassing the lanes that normally keep a session's events apart."""
+    moment, bypassing the lanes that normally keep a session's events apart; the
+    errors they ended with."""
     connections = [await db.connect(database_url) for _ in range(writers)]
     try:
         start = asyncio.Event()
@@ -122,25 +126,199 @@ async def race_signals(database_url: str, prefix: str, writers: int) -> None:
         tasks = [asyncio.create_task(one(c)) for c in connections]
         await asyncio.sleep(0.1)
         start.set()
-        await asyncio.gather(*tasks)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return [r for r in results if isinstance(r, BaseException)]
     finally:
         for conn in connections:
             await conn.close()
 
 
-async def test_concurrent_signals_of_one_key_never_open_two_detections(hub: Hub) -> None:
-    await race_signals(hub.database_url, hub.prefix, writers=12)
+async def open_session(hub: Hub) -> None:
+    """Session `s` of spoke `sp` exists before the race: the writers then meet on its
+    detections, not on creating it (which makes all but the first wait for its commit)."""
+    await hub.db.execute("INSERT INTO spokes (id) VALUES ('sp')")
+    await hub.db.execute("INSERT INTO sessions (id, spoke_id) VALUES ('s', 'sp')")
+
+
+async def race_one_key(hub: Hub, writers: int) -> None:
+    """The race test's run and assertion: one active detection, counting every signal."""
+    errors = await race_signals(hub.database_url, hub.prefix, writers)
+    assert errors == []
     rows = await hub.rows("SELECT occurrence_count, resolved_at FROM detections")
-    assert rows == [{"occurrence_count": 12, "resolved_at": None}]
+    assert rows == [{"occurrence_count": writers, "resolved_at": None}]
 
 
-async def test_without_the_unique_index_the_race_test_fails(hub: Hub) -> None:
-    """Negative control: remove the guard and the race test above cannot pass."""
+@pytest.mark.parametrize("session", ["new", "existing"])
+async def test_concurrent_signals_of_one_key_never_open_two_detections(
+    hub: Hub, session: str
+) -> None:
+    if session == "existing":
+        await open_session(hub)
+    await race_one_key(hub, writers=12)
+
+
+def _without(query: db.Query, pattern: str, replacement: str = "") -> db.Query:
+    """`query` with its one match of `pattern` replaced: a guard taken out."""
+    sql, found = re.subn(pattern, replacement, query.sql, flags=re.DOTALL)
+    assert found == 1, f"{query.name} no longer has {pattern!r}: update this control"
+    return dataclasses.replace(query, sql=sql)
+
+
+def _without_the_session_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lock_sessions without FOR NO KEY UPDATE: writers of one session no longer queue
+    on its row, so each plans on what it read at the same moment."""
+    q = db.queries()
+    monkeypatch.setattr(q, "lock_sessions", _without(q.lock_sessions, r"\s*FOR NO KEY UPDATE OF s"))
+
+
+async def test_without_its_guards_the_race_test_fails(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: the race test catches the race once its guards are gone.
+
+    Two guards keep one key to one active detection: the session row lock, which
+    queues the writers of a session, and behind it the partial unique index with
+    insert_detections' ON CONFLICT arbitration. Without the index alone the race
+    test still passes (the lock queues the writers); without both, each writer opens
+    a detection of its own and the race test's assertion fails.
+    """
+    _without_the_session_lock(monkeypatch)
+    q = db.queries()
+    insert = _without(q.insert_detections, r"ON CONFLICT \(dedup_key\) WHERE .*?(?=RETURNING)")
+    monkeypatch.setattr(q, "insert_detections", _without(insert, r"\(xmax <> 0\)", "false"))
     await hub.db.execute("DROP INDEX uq_detections_active_dedup_key")
-    await hub.db.execute("CREATE INDEX plain_dedup_key ON detections (dedup_key)")
-    with pytest.raises(asyncpg.InvalidColumnReferenceError):
-        # ON CONFLICT (dedup_key) WHERE resolved_at IS NULL has nothing to arbitrate on.
-        await race_signals(hub.database_url, hub.prefix, writers=4)
+    await open_session(hub)
+    with pytest.raises(AssertionError):
+        await race_one_key(hub, writers=12)
+    active = await hub.value(
+        "SELECT count(*) FROM detections WHERE resolved_at IS NULL AND dedup_key = "
+        "(SELECT dedup_key FROM detections LIMIT 1)"
+    )
+    assert active >= 2, "the race test failed, but not on two active detections of one key"
+
+
+async def test_without_the_session_lock_the_unique_index_still_keeps_one_detection(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard of last resort on its own: writers that find the key taken meanwhile
+    are told so (LedgerConflict: the handler redoes their batch one by one), and the
+    key keeps a single detection."""
+    _without_the_session_lock(monkeypatch)
+    await open_session(hub)
+    errors = await race_signals(hub.database_url, hub.prefix, writers=12)
+    assert errors, "no writer met another: the race did not happen"
+    assert all(isinstance(e, db.LedgerConflict) for e in errors), errors
+    # Its count may have lost updates: keeping those is the session lock's job.
+    assert await hub.value("SELECT array_agg(resolved_at) FROM detections") == [None]
+
+
+# The public schema as the catalog describes it, less migrate's own bookkeeping: what
+# a database built from the migrations and one built from sql/schema.sql must share.
+CATALOG = """
+SELECT 'relation' AS kind, c.relname::text AS name,
+       concat_ws(' ', c.relkind::text, c.relpersistence::text,
+                 array_to_string(c.reloptions, ',')) AS definition
+FROM pg_class AS c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relname NOT LIKE 'schema_migrations%'
+UNION ALL
+SELECT 'column', c.relname || '.' || a.attname,
+       concat_ws(' ', row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum),
+                 format_type(a.atttypid, a.atttypmod),
+                 CASE WHEN a.attnotnull THEN 'not null' END,
+                 'default ' || pg_get_expr(d.adbin, d.adrelid),
+                 'identity ' || nullif(a.attidentity::text, ''),
+                 'generated ' || nullif(a.attgenerated::text, ''))
+FROM pg_attribute AS a
+JOIN pg_class AS c ON c.oid = a.attrelid
+LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+  AND c.relname <> 'schema_migrations' AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'constraint', conrelid::regclass::text || '.' || conname, pg_get_constraintdef(oid)
+FROM pg_constraint
+WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text <> 'schema_migrations'
+UNION ALL
+SELECT 'index', indexname::text, indexdef
+FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'schema_migrations'
+UNION ALL
+SELECT 'function', p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+FROM pg_proc AS p WHERE p.pronamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'trigger', t.tgrelid::regclass::text || '.' || t.tgname, pg_get_triggerdef(t.oid)
+FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal
+UNION ALL
+SELECT 'sequence', s.seqrelid::regclass::text,
+       concat_ws(' ', format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmin,
+                 s.seqmax, s.seqcache, s.seqcycle)
+FROM pg_sequence AS s JOIN pg_class AS c ON c.oid = s.seqrelid
+WHERE c.relnamespace = 'public'::regnamespace
+ORDER BY kind, name
+"""
+
+
+async def catalog(database_url: str) -> list[tuple[str, str, str]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [(r["kind"], r["name"], r["definition"]) for r in await conn.fetch(CATALOG)]
+    finally:
+        await conn.close()
+
+
+async def test_a_database_built_from_schema_sql_is_the_one_the_migrations_build(
+    database_url: str, empty_database: str
+) -> None:
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(schema.schema_sql_path().read_text(encoding="utf-8"))
+    finally:
+        await conn.close()
+    from_migrations = await catalog(database_url)
+    assert ("index", "uq_detections_active_dedup_key") in {(k, n) for k, n, _ in from_migrations}
+    assert {k for k, _, _ in from_migrations} == {
+        "relation",
+        "column",
+        "constraint",
+        "index",
+        "function",
+        "trigger",
+        "sequence",
+    }
+    from_schema = await catalog(empty_database)
+    only_in_migrations = sorted(set(from_migrations) - set(from_schema))
+    only_in_schema_sql = sorted(set(from_schema) - set(from_migrations))
+    assert (only_in_migrations, only_in_schema_sql) == ([], []), (
+        f"sql/schema.sql is not what sql/migrations build: run `{schema.DUMP_COMMAND}`"
+    )
+
+
+def _pg_dump_major() -> int:
+    version = subprocess.run(
+        [str(schema.pg_dump_binary()), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(re.search(r"(\d+)\.", version).group(1))  # type: ignore[union-attr]
+
+
+async def test_schema_sql_is_what_the_migrations_build(database_url: str) -> None:
+    """sql/schema.sql is regenerated with each migration: a dump of a migrated database
+    is the file, byte for byte."""
+    if os.environ.get("HUB_TEST_DATABASE_URL"):
+        conn = await asyncpg.connect(database_url)
+        try:
+            server_major = int(await conn.fetchval("SHOW server_version_num")) // 10000
+        finally:
+            await conn.close()
+        if server_major != _pg_dump_major():
+            pytest.skip(
+                f"pg_dump {_pg_dump_major()} writes a PostgreSQL {server_major} differently"
+            )
+    current = await asyncio.to_thread(schema.dump_schema, database_url)
+    diff = schema.stale_diff(current, schema.schema_sql_path().read_text(encoding="utf-8"))
+    if diff:
+        pytest.fail(
+            f"sql/schema.sql is not what sql/migrations build: run `{schema.DUMP_COMMAND}`\n{diff}",
+            pytrace=False,
+        )
 
 
 def test_the_wheel_carries_the_sql(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Hostile bytes on the wire: whatever the NATS server accepts, the hub handles (issue 12).
 
 nats-py refuses to publish odd subjects and headers; the NATS server does not. A client
-of the raw protocol (`tests/rawnats.py`) publishes them, and each test checks that the
+of the raw protocol (`tests/support/rawnats.py`) publishes them, and each test checks that the
 valid events published after them (several sessions, every partition) are applied
 exactly, that each hostile message is dead-lettered with a contract reason (contract
 section 6), and that the worker's loops are alive.
@@ -56,9 +56,9 @@ import pytest
 from nats.aio.msg import Msg
 
 from tests.integration.test_workers import assert_outbound_matches_tables, assert_tables_match
-from tests.rawnats import RawNats, RawNatsError, header_block
 from tests.support import Hub, now_iso, wait_until
-from tests.workload import Expected, Published, expect, generate
+from tests.support.rawnats import RawNats, RawNatsError, header_block
+from tests.support.workload import Expected, Published, expect, generate
 from worker.app import Worker
 from worker.constants import MAX_EVENT_BYTES
 

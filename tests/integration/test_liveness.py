@@ -33,8 +33,8 @@ from tests.integration.test_workers import (
     publish_all,
 )
 from tests.support import READY, Hub, WorkerProcess, wait_until
-from tests.workload import Published, expect, generate
-from worker import db
+from tests.support.workload import Published, expect, generate
+from worker import db, schema
 from worker.config import Settings
 from worker.constants import LANE_OWNER_BEAT_SECONDS, LANE_OWNER_SILENT_SECONDS
 from worker.embedded import free_port
@@ -305,7 +305,7 @@ async def test_the_runtime_role_may_end_a_silent_worker_and_spares_a_live_one(
     role = f"hub_runtime_{uuid4().hex[:10]}"
     await hub.db.execute(f"CREATE ROLE {role} LOGIN")  # hex and ours: safe to inline
     try:
-        await db.grant_runtime(hub.db, role)
+        await schema.grant_runtime(hub.db, role)
         as_runtime = urlunsplit(urlsplit(hub.database_url)._replace(netloc=_with_user(role, hub)))
         silent = await db.connect(as_runtime, application_name="hub-worker:hub-worker-p0@aaaa")
         live = await db.connect(as_runtime, application_name="hub-worker:hub-worker-p1@bbbb")

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from tests.integration.test_workers import assert_tables_match, publish_all
 from tests.support import Hub, open_hub, wait_until
-from tests.workload import expect, generate
+from tests.support.workload import expect, generate
 from worker import db
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres, free_port

@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.test_workers import assert_tables_match, publish_all
 from tests.support import READY, Hub, open_hub, wait_until
-from tests.workload import expect, generate
+from tests.support.workload import expect, generate
 from worker import db
 from worker.config import Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres

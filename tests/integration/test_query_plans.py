@@ -94,7 +94,7 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _hot_queries() -> dict[str, list[Any]]:
+def _hot_queries() -> dict[str, dict[str, Any]]:
     """Every query a batch (and the relay) runs, with a batch's worth of parameters."""
     sessions = [f"s-{n}" for n in range(10, 10 * BATCH + 10, 10)]  # live ones
     spokes = [f"spoke-{int(s[2:]) % 20}" for s in sessions]
@@ -105,68 +105,76 @@ def _hot_queries() -> dict[str, list[Any]]:
     n = BATCH
     new = [str(uuid4()) for _ in range(n)]
     return {
-        "batch_start": [events],
-        "create_new_sessions": [[*sessions[:50], *(f"n-{i}" for i in range(50))], spokes],
-        "lock_sessions": [sessions],
-        "active_detections_of_sessions": [sessions],
-        "newest_resolved_detections": [keys],
-        "record_events": [events],
-        "ensure_spokes": [sorted(set(spokes))],
-        "ensure_workspaces": [["w-1"]],
-        "ensure_tasks": [["t-1"]],
-        "ensure_parent_sessions": [sessions[:5]],
-        "upsert_sessions": [
-            sessions,
-            spokes,
-            ["active"] * n,
-            [now] * n,
-            [None] * n,
-            [None] * n,
-            ['{"k": 1}'] * n,
-        ],
-        "upsert_mappings": [
-            [f"m-{s[2:]}" for s in sessions],
-            sessions,
-            spokes,
-            [None] * n,
-            [None] * n,
-            [None] * n,
-            [None] * n,
-            ["completed"] * n,
-            [None] * n,
-            [now] * n,
-            [now] * n,
-        ],
-        "update_detections": [
-            active,
-            ["high"] * n,
-            ['{"n": 2}'] * n,
-            [2] * n,
-            [now] * n,
-            [None] * n,
-            [None] * n,
-            [None] * n,
-        ],
-        "insert_detections": [
-            new,
-            sessions,
-            ["model_degradation"] * n,
-            ["low"] * n,
-            ["{}"] * n,
-            [f"new-{i}" for i in range(n)],
-            [1] * n,
-            [now] * n,
-            [now] * n,
-            [None] * n,
-            [None] * n,
-            [None] * n,
-        ],
-        "enqueue_outbox": [new, ["x.y"] * n, [""] * n, new],
-        "pending_outbox": [1000],
-        "delete_outbox": [list(range(1, n + 1))],
+        "batch_start": {"event_ids": events},
+        "create_new_sessions": {
+            "id": [*sessions[:50], *(f"n-{i}" for i in range(50))],
+            "spoke_id": spokes,
+        },
+        "lock_sessions": {"session_ids": sessions},
+        "active_detections_of_sessions": {"session_ids": sessions},
+        "newest_resolved_detections": {"dedup_key": keys},
+        "record_events": {"event_ids": events},
+        "ensure_spokes": {"id": sorted(set(spokes))},
+        "ensure_workspaces": {"id": ["w-1"]},
+        "ensure_tasks": {"id": ["t-1"]},
+        "ensure_parent_sessions": {"id": sessions[:5]},
+        "upsert_sessions": {
+            "id": sessions,
+            "spoke_id": spokes,
+            "status": ["active"] * n,
+            "last_activity_at": [now] * n,
+            "ended_at": [None] * n,
+            "archived_at": [None] * n,
+            "metadata": ['{"k": 1}'] * n,
+        },
+        "upsert_mappings": {
+            "id": [f"m-{s[2:]}" for s in sessions],
+            "session_id": sessions,
+            "spoke_id": spokes,
+            "workspace_id": [None] * n,
+            "parent_session_id": [None] * n,
+            "task_id": [None] * n,
+            "task": [None] * n,
+            "status": ["completed"] * n,
+            "metadata": [None] * n,
+            "created_at": [now] * n,
+            "updated_at": [now] * n,
+        },
+        "update_detections": {
+            "id": active,
+            "severity": ["high"] * n,
+            "details": ['{"n": 2}'] * n,
+            "occurrence_count": [2] * n,
+            "updated_at": [now] * n,
+            "resolved_at": [None] * n,
+            "resolved_by": [None] * n,
+            "resolution": [None] * n,
+        },
+        "insert_detections": {
+            "id": new,
+            "session_id": sessions,
+            "anomaly_type": ["model_degradation"] * n,
+            "severity": ["low"] * n,
+            "details": ["{}"] * n,
+            "dedup_key": [f"new-{i}" for i in range(n)],
+            "occurrence_count": [1] * n,
+            "created_at": [now] * n,
+            "updated_at": [now] * n,
+            "resolved_at": [None] * n,
+            "resolved_by": [None] * n,
+            "resolution": [None] * n,
+        },
+        "enqueue_outbox": {
+            "event_id": new,
+            "subject": ["x.y"] * n,
+            "payload": [""] * n,
+            "aggregate": new,
+        },
+        "pending_outbox": {"limit": 1000},
+        "delete_outbox": {"ids": list(range(1, n + 1))},
         # Not per batch, but over the whole ledger: with nothing old enough it must
         # read nothing, not the ledger (the retention's default age, 1,000 rows).
-        "purge_ledger": [604_800, 1000],
+        "purge_ledger": {"older_than_seconds": 604_800, "batch": 1000},
     }
 
 
@@ -209,11 +217,12 @@ async def plan_problems(conn: asyncpg.Connection) -> dict[str, list[str]]:
     await conn.execute("SET plan_cache_mode = force_generic_plan")
     found: dict[str, list[str]] = {}
     for name, params in _hot_queries().items():
+        query: db.Query = getattr(q, name)
         tr = conn.transaction()
         await tr.start()
         try:
-            await conn.execute(f"PREPARE hot AS {getattr(q, name).rstrip().rstrip(';')}")
-            args = ", ".join(_literal(p) for p in params)
+            await conn.execute(f"PREPARE hot AS {query.sql.rstrip().rstrip(';')}")
+            args = ", ".join(_literal(p) for p in query.args(**params))
             plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE hot({args})")
         finally:
             await tr.rollback()

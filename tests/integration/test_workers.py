@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support import Hub, Outbound, wait_until
-from tests.workload import Expected, Published, expect, generate
+from tests.support.workload import Expected, Published, expect, generate
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import nkeys  # type: ignore[import-untyped]
 import pytest
 
-from tests.nats_jwt import Keys, creds, user_jwt
+from tests.support.nats_jwt import Keys, creds, user_jwt
 from worker.config import ConfigError, Settings
 
 SECRET = "s3cret-Value-42"

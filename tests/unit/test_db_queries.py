@@ -1,4 +1,4 @@
-"""Named queries and migrations on disk (worker/db.py), without a database."""
+"""Named queries (worker/db.py) and migrations (worker/schema.py) on disk, without a database."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import db
+from worker import db, schema
 
 QUERY_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
@@ -44,10 +44,89 @@ def test_real_queries_load_with_every_block_non_empty() -> None:
     names = _names_on_disk(db.sql_dir() / "queries")
     assert names, "sql/queries defines no named query"
     for name in names:
-        body = getattr(queries, name)
-        assert isinstance(body, str)
-        assert body.strip()
-        assert not body.lstrip().startswith("--")
+        query = getattr(queries, name)
+        assert isinstance(query, db.Query)
+        assert query.name == name
+        assert query.sql.strip()
+        assert not query.sql.lstrip().startswith("--")
+
+
+def test_no_query_file_uses_positional_parameters() -> None:
+    """Parameters are named (`:name`) in sql/queries; `$n` exists only once loaded."""
+    for path in sorted((db.sql_dir() / "queries").glob("*.sql")):
+        lines = [
+            f"{path.name}:{number}: {line}"
+            for number, line in enumerate(path.read_text().splitlines(), 1)
+            if re.search(r"\$[0-9]", line)
+        ]
+        assert lines == [], "use :name parameters"
+
+
+def test_a_block_with_positional_parameters_fails_naming_it(queries_copy: Path) -> None:
+    _drop_block(queries_copy, "beat")
+    (queries_copy / "zz_extra.sql").write_text(
+        "-- name: beat\nINSERT INTO worker_heartbeats (worker_id) VALUES ($1);\n"
+    )
+    with pytest.raises(RuntimeError, match=r"'beat' uses \$1"):
+        db.Queries.load(queries_copy)
+
+
+def test_named_parameters_become_positional_ones_in_order_of_first_use() -> None:
+    query = db.Query.parse(
+        "sample",
+        "SELECT :b::int, 'a :quoted literal', E'it\\'s :escaped', \"col:x\", :a, :b\n"
+        "  -- a comment with :commented\n"
+        "  /* a block :comment */ , $$ a :dollar body $$, $fn$ x := :y $fn$, :a::text[], f(v := 1)",
+    )
+    assert query.params == ("b", "a")
+    assert query.sql == (
+        "SELECT $1::int, 'a :quoted literal', E'it\\'s :escaped', \"col:x\", $2, $1\n"
+        "  -- a comment with :commented\n"
+        "  /* a block :comment */ , $$ a :dollar body $$, $fn$ x := :y $fn$, $2::text[], f(v := 1)"
+    )
+    assert db.Query.parse("bare", "SELECT now()").params == ()
+
+
+def test_a_call_with_a_missing_or_unknown_parameter_fails_naming_it() -> None:
+    query = db.queries().end_silent_worker
+    assert query.bind(silent_seconds=30, worker_id="ab") == (query.sql, "ab", 30)
+    with pytest.raises(db.QueryArguments, match=r"end_silent_worker.*missing \['silent_seconds'\]"):
+        query.args(worker_id="ab")
+    with pytest.raises(db.QueryArguments, match=r"unknown \['silence'\]"):
+        query.args(worker_id="ab", silent_seconds=30, silence=30)
+
+
+UNNEST = re.compile(r"unnest\(([^()]*)\)\s*(?:WITH ORDINALITY\s+)?AS\s+\w+\s*\(([^()]*)\)", re.I)
+
+
+def test_each_unnest_parameter_is_named_after_the_column_it_becomes() -> None:
+    """`unnest(:id::text[], :status::text[]) AS s (id, status)`: a column's values are
+    passed by the column's name, so no list of columns depends on an order."""
+    checked = 0
+    for path in sorted((db.sql_dir() / "queries").glob("*.sql")):
+        for match in UNNEST.finditer(path.read_text()):
+            arguments = [a.strip() for a in match.group(1).split(",")]
+            columns = [c.strip() for c in match.group(2).split(",")]
+            params = [re.fullmatch(r":([a-z_][a-z0-9_]*)::[a-z]+\[\]", a) for a in arguments]
+            assert all(params), f"{path.name}: unnest({match.group(1)}) takes other than :name"
+            assert [p.group(1) for p in params if p] == columns[: len(params)], path.name
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize(
+    ("name", "columns"),
+    [
+        ("upsert_sessions", db._SESSION_COLUMNS),
+        ("upsert_mappings", db._MAPPING_COLUMNS),
+        ("update_detections", db._CHANGED_DETECTION_COLUMNS),
+        ("insert_detections", db._NEW_DETECTION_COLUMNS),
+    ],
+)
+def test_the_batch_writes_columns_are_their_querys_parameters(
+    name: str, columns: tuple[str, ...]
+) -> None:
+    assert sorted(getattr(db.queries(), name).params) == sorted(columns)
 
 
 def test_an_unchanged_copy_loads(queries_copy: Path) -> None:
@@ -70,13 +149,13 @@ def test_unknown_extra_block_fails_naming_it(queries_copy: Path) -> None:
 
 
 def test_duplicate_block_fails_naming_it(queries_copy: Path) -> None:
-    (queries_copy / "zz_extra.sql").write_text("-- name: ensure_spoke\nSELECT 1;\n")
-    with pytest.raises(RuntimeError, match="ensure_spoke"):
+    (queries_copy / "zz_extra.sql").write_text("-- name: ensure_spokes\nSELECT 1;\n")
+    with pytest.raises(RuntimeError, match="'ensure_spokes' is defined twice"):
         db.Queries.load(queries_copy)
 
 
 def test_migrations_are_found_in_order_starting_with_0001() -> None:
-    migrations = db.migration_files()
+    migrations = schema.migration_files()
     assert migrations, "no migrations found"
     versions = [version for version, _ in migrations]
     assert versions[0] == "0001"
@@ -94,7 +173,7 @@ def test_every_table_has_its_runtime_grant_decided() -> None:
     (and the worker waits on the missing grant instead of working)."""
     created = {
         m.group(1)
-        for _, path in db.migration_files()
+        for _, path in schema.migration_files()
         for m in re.finditer(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", path.read_text())
     }
     grants = (db.sql_dir() / "grants.sql").read_text()

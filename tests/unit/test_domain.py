@@ -16,7 +16,6 @@ from worker.domain import (
     ended_status,
     is_late_news,
     max_severity,
-    retry_delay,
     signal_change,
 )
 
@@ -124,10 +123,6 @@ def test_anomaly_type_is_the_kind_upper_cased(kind: str, anomaly_type: str) -> N
     assert anomaly_type_of(kind) == anomaly_type
 
 
-def test_session_stall_constant_is_the_contract_name() -> None:
-    assert SESSION_STALL == "SESSION_STALL"
-
-
 # --- severity --------------------------------------------------------------
 
 
@@ -206,22 +201,3 @@ def test_terminal_lifecycles_end_the_session_in_their_own_status(lifecycle: Life
 @pytest.mark.parametrize("lifecycle", ["spawned", "started", "heartbeat", "archived"])
 def test_other_lifecycles_do_not_end_the_session(lifecycle: Lifecycle) -> None:
     assert ended_status(lifecycle) is None
-
-
-# --- backoff ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("attempt", "expected"),
-    [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (6, 10.0), (50, 10.0)],
-)
-def test_retry_delay_doubles_from_base_up_to_cap(attempt: int, expected: float) -> None:
-    assert retry_delay(attempt, 0.5, 10.0) == pytest.approx(expected)
-
-
-def test_retry_delay_before_the_first_attempt_is_the_base() -> None:
-    assert retry_delay(0, 0.2, 5.0) == pytest.approx(0.2)
-
-
-def test_retry_delay_is_a_float() -> None:
-    assert isinstance(retry_delay(3, 1, 100), float)

@@ -6,11 +6,10 @@ import re
 
 import pytest
 
-from worker.domain import LIFECYCLES, Lifecycle
+from worker.domain import Lifecycle
 from worker.subjects import (
     Route,
     as_published,
-    deadletter_subject,
     detection_subject,
     mapping_subject,
     parse_inbound,
@@ -21,10 +20,6 @@ from worker.subjects import (
 
 PREFIXES = ["hub", "t-42", "org.hub", "a_b.c-d.e"]
 ALL_LIFECYCLES = ["spawned", "started", "heartbeat", "completed", "failed", "aborted", "archived"]
-
-
-def test_the_worker_knows_exactly_the_contract_lifecycles() -> None:
-    assert sorted(LIFECYCLES) == sorted(ALL_LIFECYCLES)
 
 
 # --- parse_inbound: what matches ---------------------------------------------
@@ -346,20 +341,3 @@ def test_mapping_subject_names_status_and_session(
     prefix: str, status: str, session_id: str, expected: str
 ) -> None:
     assert mapping_subject(prefix, status, session_id) == expected
-
-
-@pytest.mark.parametrize(
-    "reason",
-    [
-        "invalid_json",
-        "too_large",
-        "invalid_event",
-        "unknown_subject",
-        "subject_mismatch",
-        "spoke_mismatch",
-        "handler_error",
-    ],
-)
-@pytest.mark.parametrize("prefix", PREFIXES)
-def test_deadletter_subject_names_the_reason(prefix: str, reason: str) -> None:
-    assert deadletter_subject(prefix, reason) == f"{prefix}.deadletter.{reason}"

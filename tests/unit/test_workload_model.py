@@ -1,9 +1,9 @@
 """The reference model of contract section 4 used by the chaos and multi-worker tests
-(tests/workload.py), checked on its own."""
+(tests/support/workload.py), checked on its own."""
 
 from __future__ import annotations
 
-from tests.workload import Published, expect, generate
+from tests.support.workload import Published, expect, generate
 
 
 def ev(session: str, what: str, n: int, **fields: object) -> Published:

@@ -8,7 +8,7 @@ import sys
 
 import asyncpg
 
-from worker import db
+from worker import db, schema
 from worker.app import migrate
 from worker.cli.common import EXIT_FAILURE, EXIT_OK, Endpoints, redact
 from worker.config import Settings
@@ -34,7 +34,7 @@ def migrate_command(settings: Settings, endpoints: Endpoints) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    except (db.MigrationsPending, db.NoSuchRole, asyncpg.PostgresError) as err:
+    except (schema.MigrationsPending, schema.NoSuchRole, asyncpg.PostgresError) as err:
         print(f"hub-worker: migrate failed: {err}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -47,7 +47,7 @@ async def accounts_command(database_url: str, args: argparse.Namespace) -> int:
         print(f"hub-worker: cannot reach the database: {err}", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        await db.migrate(conn)
+        await schema.migrate(conn)
         if args.action == "add":
             account, created = await db.upsert_account(conn, args.id, args.name)
             verb = "created" if created else "updated" if args.name else "exists:"
@@ -60,7 +60,7 @@ async def accounts_command(database_url: str, args: argparse.Namespace) -> int:
         # The runtime role may read accounts, not write them (sql/grants.sql).
         print(f"hub-worker: {err}: manage accounts with the owner role", file=sys.stderr)
         return EXIT_FAILURE
-    except db.MigrationsPending as err:
+    except schema.MigrationsPending as err:
         print(f"hub-worker: {err}", file=sys.stderr)
         return EXIT_FAILURE
     finally:

@@ -21,7 +21,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from worker import db
+from worker import db, schema
 from worker.config import ConfigError, NatsAuth, Settings
 from worker.connection import connect_options
 
@@ -171,7 +171,7 @@ async def database(endpoints: Endpoints) -> AsyncIterator[db.Connection]:
     except _DB_CONNECT_ERRORS as err:
         raise CommandFailed(EXIT_FAILURE, f"cannot reach the database ({describe(err)})") from None
     try:
-        await db.migrate(conn)
+        await schema.migrate(conn)
         yield conn
     except db.CONNECTION_ERRORS as err:
         raise CommandFailed(EXIT_FAILURE, f"lost the database ({describe(err)})") from None

@@ -23,6 +23,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from worker.client.spoke import as_jetstream
 from worker.domain import SEVERITIES, Severity
 from worker.events import DeadLetterEvent, DetectionEscalatedEvent, DetectionEvent, MappingEvent
+from worker.retry import Backoff
 from worker.subjects import (
     ID_PATTERN,
     KIND_PATTERN,
@@ -45,6 +46,7 @@ EPHEMERAL_INACTIVE_SECONDS = 60.0
 # A follower whose pulls fail (NATS away, the consumer gone) retries after a
 # doubling pause up to this long, seconds, and binds afresh (recreating a
 # consumer that vanished) after this many failures in a row.
+FOLLOW_RETRY_BASE_SECONDS = 0.4
 FOLLOW_RETRY_MAX_SECONDS = 5.0
 REPAIR_AFTER = 3
 
@@ -305,7 +307,7 @@ class Alerts:
         empty or status-only answer (a stale `408` from an earlier pull), a timeout,
         a reconnect, a consumer that vanished. Raises only when the connection is
         closed for good (or the caller is cancelled)."""
-        failures = 0
+        backoff = Backoff(FOLLOW_RETRY_BASE_SECONDS, FOLLOW_RETRY_MAX_SECONDS, limit=REPAIR_AFTER)
         while True:
             try:
                 sub = self._sub if self._sub is not None else await self._open()
@@ -317,12 +319,12 @@ class Alerts:
             except (nats.errors.Error, nats.js.errors.Error, OSError) as err:
                 if self.js._nc.is_closed:
                     raise
-                failures += 1
-                await asyncio.sleep(min(FOLLOW_RETRY_MAX_SECONDS, 0.2 * 2**failures))
-                if isinstance(err, nats.js.errors.NotFoundError) or failures >= REPAIR_AFTER:
+                await backoff.sleep(backoff.failed())
+                if isinstance(err, nats.js.errors.NotFoundError) or backoff.exhausted:
                     with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, OSError):
                         await self._repair()
                 continue
+            backoff.succeeded()
             if fetched:
                 return fetched
 

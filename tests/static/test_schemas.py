@@ -64,7 +64,7 @@ from worker.subjects import (
     resolve_command_subject,
 )
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 PREFIX = "hub"
 AT = datetime(2026, 11, 27, 10, 15, tzinfo=UTC)
 EVENT_ID = UUID("6f1c1d2e-8a53-4d0e-9a3b-5f8a3a1f2b10")

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support import Hub
 from worker.embedded import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS / "hub-worker-rules.yml"
 RULES_TEST = PROMETHEUS / "hub-worker-rules.test.yml"

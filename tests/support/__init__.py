@@ -30,7 +30,7 @@ from worker.app import Worker
 from worker.config import Settings
 from worker.subjects import inbound_subject
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SETTLE_TIMEOUT_SECONDS = 30.0
 # What Worker.readiness() answers when all is well.
 READY = {
