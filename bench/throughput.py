@@ -12,7 +12,8 @@ its own database and subject prefix, with the same events:
   events/s is counted from the first applied event until every event is in the
   ledger and every outbound event has been published by the relay;
 - rate: the worker runs, events are published at a steady rate, and latency is
-  measured from publish to receipt of the outbound event the event caused.
+  measured per inbound event from its publish to the arrival of the first
+  outbound event it caused (bench/latency.py, which also runs on its own).
 
 Peak RSS is the worker's VmHWM, CPU seconds its user+system time.
 
@@ -42,7 +43,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -584,58 +584,6 @@ async def drain(
         await stage.drop()
 
 
-async def offered_rate(
-    srv: Servers,
-    mode: str,
-    batch_max: int,
-    events: list[Event],
-    rate: int,
-    worker_root: Path = ROOT,
-) -> Result:
-    stage = Stage(srv.admin_dsn, srv.nats_url, mode, batch_max, worker_root=worker_root)
-    await stage.create()
-    nc = await nats.connect(srv.nats_url)
-    js = nc.jetstream(timeout=30)
-    published: dict[str, float] = {}
-    latencies: list[float] = []
-
-    async def on_outbound(msg: object) -> None:
-        cause = json.loads(msg.data).get("causationId")  # type: ignore[attr-defined]
-        sent = published.get(cause) if cause else None
-        if sent is not None:
-            latencies.append(time.perf_counter() - sent)
-
-    try:
-        stage.start()
-        await wait_for_streams(js, stage.prefix)
-        await nc.subscribe(f"{stage.prefix}.detection.>", cb=on_outbound)
-        await nc.subscribe(f"{stage.prefix}.mapping.>", cb=on_outbound)
-        await asyncio.sleep(1)
-        began = time.perf_counter()
-        for n, event in enumerate(events):
-            due = began + n / rate
-            if (pause := due - time.perf_counter()) > 0:
-                await asyncio.sleep(pause)
-            published[str(event.body["eventId"])] = time.perf_counter()
-            await nc.publish(
-                subject(stage.prefix, event),
-                json.dumps(event.body).encode(),
-                headers={"Nats-Msg-Id": str(event.body["eventId"])},
-            )
-        await nc.flush()
-        await asyncio.sleep(3)
-        elapsed = time.perf_counter() - began
-        rss, cpu = stage.stop()
-        latencies.sort()
-        p50 = statistics.median(latencies) * 1000 if latencies else None
-        p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else None
-        return Result(mode, len(events), elapsed, p50, p99, rss, cpu)
-    finally:
-        stage.kill()
-        await nc.close()
-        await stage.drop()
-
-
 PREFILL_SQL = """
 INSERT INTO spokes (id) SELECT 'pre-spoke-' || g FROM generate_series(0, 19) AS g;
 INSERT INTO sessions (id, spoke_id, status, last_activity_at, ended_at, archived_at)
@@ -866,22 +814,25 @@ async def main() -> None:
                 print(statements_table(r, args.statements))
 
         if args.rate:
-            count = args.rate * args.seconds
-            sample = generate(count, seed=2)
+            # Latency per inbound event as a subscriber sees it (bench/latency.py).
+            from bench.latency import HEADER, steady
+
+            sample = generate(args.rate * args.seconds, seed=2)
             latency_rows = [
-                await offered_rate(srv, batched, args.batch_max, sample, args.rate, root)
+                await steady(srv, batched, args.batch_max, sample, args.rate, worker_root=root)
             ]
             if not args.skip_baseline:
                 latency_rows.append(
-                    await offered_rate(srv, "per-message", 1, sample, args.rate, root)
+                    await steady(srv, "per-message", 1, sample, args.rate, worker_root=root)
                 )
             print()
             print(
-                table(
-                    latency_rows,
-                    f"latency at an offered {args.rate} events/s, publish to outbound event",
-                )
+                f"latency at a steady {args.rate} events/s, ms: publish to the first outbound "
+                "event each event caused"
             )
+            print(HEADER)
+            for row in latency_rows:
+                print(row.row())
 
 
 if __name__ == "__main__":

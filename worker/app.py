@@ -154,16 +154,16 @@ class Worker:
         partitions = await self._ensure_topology(bus, stopping)
         all_lanes = lanes(s.subject_prefix, partitions)
         lock_namespace = namespace(s.subject_prefix)
+        self.relay = relay = OutboxRelay(bus, s.subject_prefix, self.metrics)
         self.lane_manager = LaneManager(
             self.database_url,
             bus,
-            MessageHandler(s.subject_prefix, self.metrics, bus.nc.max_payload),
+            MessageHandler(s.subject_prefix, self.metrics, bus.nc.max_payload, relay.wake),
             lock_namespace,
             all_lanes,
             self.metrics,
             s.batch_max,
         )
-        self.relay = OutboxRelay(bus, s.subject_prefix, self.metrics)
         self.sweep = StallSweep(
             s.subject_prefix,
             bus,
@@ -188,7 +188,7 @@ class Worker:
         lane_task = asyncio.create_task(self.lane_manager.run(lanes_stopping), name="lanes")
         self.tasks = {
             lane_task,
-            duty("relay", RELAY_LEADER, self.relay.duty),
+            duty("relay", RELAY_LEADER, relay.duty),
             duty("sweep", SWEEP_LEADER, self.sweep.duty),
             duty("maintenance", MAINTENANCE_LEADER, janitor.duty),
             asyncio.create_task(self._sample(all_lanes, duties_stopping), name="sampler"),

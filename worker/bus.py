@@ -35,6 +35,7 @@ from worker.connection import NATS_ERRORS, ConnectionUnusable, ConnectionWatch, 
 from worker.constants import (
     ACK_WAIT_SECONDS,
     DUPLICATE_WINDOW_SECONDS,
+    FETCH_READY_TIMEOUT_SECONDS,
     MAX_ACK_PENDING,
     PUBLISH_ACK_TIMEOUT_SECONDS,
 )
@@ -49,6 +50,21 @@ from worker.subjects import (
 log = structlog.get_logger("worker.bus")
 
 PullSubscription = JetStreamContext.PullSubscription
+
+# What the lanes' consumers are made with; one made with another (by an older
+# version, before `all`) is recreated at its ack floor by `ensure_consumer`.
+LANE_ACK_POLICY = AckPolicy.ALL
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """A lane's consumer as a new owner takes it over."""
+
+    next_delivery: int  # the consumer's next delivery number
+    # The consumer acks all up to a message (AckPolicy.ALL): one ack per batch.
+    # False for a consumer with explicit acks, which an older worker may still
+    # make during a rolling upgrade: then every message is acked.
+    acks_all: bool
 
 
 def age_seconds(stored: datetime | None) -> float:
@@ -174,7 +190,9 @@ class Bus:
         return ConsumerConfig(
             durable_name=lane.durable,
             filter_subject=lane.filter_subject,
-            ack_policy=AckPolicy.EXPLICIT,
+            # A lane applies in stream order, so one ack of a batch's last message
+            # settles the batch (dead letters are terminated each before it).
+            ack_policy=LANE_ACK_POLICY,
             ack_wait=ACK_WAIT_SECONDS,
             # Unlimited on the server: a cap there would drop messages silently
             # during a long outage. The worker itself gives up after
@@ -203,7 +221,7 @@ class Bus:
             log.info("consumer.created", action="consumer.ensure", consumer=lane.durable)
             return
         config = info.config
-        if config.filter_subject == lane.filter_subject and config.ack_policy == AckPolicy.EXPLICIT:
+        if config.filter_subject == lane.filter_subject and config.ack_policy == LANE_ACK_POLICY:
             return
         start = await self._recreate_at_ack_floor(lane, info)
         log.warning(
@@ -219,9 +237,9 @@ class Bus:
         info: ConsumerInfo = await self.js.consumer_info(self.settings.events_stream, lane.durable)
         return info
 
-    async def take_over(self, lane: Lane) -> int:
+    async def take_over(self, lane: Lane) -> Position:
         """Make the lane's consumer deliver in stream order from its ack floor;
-        returns the consumer's next delivery number.
+        returns its next delivery number and ack policy.
 
         A previous owner that died holding unacked messages would have them
         redelivered only after the ack wait, behind newer ones: the session
@@ -233,9 +251,10 @@ class Bus:
             info = await self.js.consumer_info(stream, lane.durable)
         except nats.js.errors.NotFoundError:
             await self.ensure_consumer(lane)
-            return 1
+            return Position(1, LANE_ACK_POLICY == AckPolicy.ALL)
+        acks_all = info.config.ack_policy == AckPolicy.ALL
         if not info.num_ack_pending:
-            return (info.delivered.consumer_seq if info.delivered else 0) + 1
+            return Position((info.delivered.consumer_seq if info.delivered else 0) + 1, acks_all)
         start = await self._recreate_at_ack_floor(lane, info)
         log.info(
             "consumer.rewound",
@@ -244,7 +263,7 @@ class Bus:
             from_sequence=start,
             unacked=info.num_ack_pending,
         )
-        return 1
+        return Position(1, acks_all)
 
     async def _recreate_at_ack_floor(self, lane: Lane, info: ConsumerInfo) -> int:
         """Replace the lane's consumer by one that starts just after its ack floor;
@@ -285,6 +304,54 @@ class Bus:
 
     async def pull(self, lane: Lane) -> PullSubscription:
         return await self.js.pull_subscribe_bind(lane.durable, self.settings.events_stream)
+
+    @staticmethod
+    async def take_ready(subscription: PullSubscription, most: int) -> list[Msg]:
+        """Up to `most` messages the lane's consumer has ready now, without waiting for more.
+
+        One pull request with `no_wait` and no `expires`: the server sends what it
+        has and a 404 status, at once. nats-py's `fetch(n, timeout)` instead asks
+        with `expires` when its queue is empty, which the server takes for a
+        lingering pull, so a trickle waited the whole timeout for a batch that
+        never filled, and left a 408 to come back later. Messages already in the
+        subscription's queue (delivered for an earlier request) come first, in
+        delivery order. Reads nats-py's pending queue directly (nats-py 2.16):
+        `next_msg` creates a task and a timer per message.
+        """
+        sub = subscription._sub
+        assert sub is not None
+        queue = sub._pending_queue
+        taken: list[Msg] = []
+
+        def ready() -> Msg | None:
+            while not queue.empty():
+                msg = queue.get_nowait()
+                sub._pending_size -= len(msg.data)
+                queue.task_done()
+                if not JetStreamContext.is_status_msg(msg):
+                    return msg
+            return None
+
+        while len(taken) < most and (msg := ready()) is not None:
+            taken.append(msg)
+        if len(taken) >= most:
+            return taken
+        request = json.dumps({"batch": most - len(taken), "no_wait": True}).encode()
+        await subscription._nc.publish(subscription._nms, request, subscription._deliver)
+        while len(taken) < most:
+            if queue.empty():
+                try:
+                    msg = await sub.next_msg(timeout=FETCH_READY_TIMEOUT_SECONDS)
+                except nats.errors.TimeoutError:
+                    break  # the answer was lost (a reconnect): take what came
+            else:
+                msg = queue.get_nowait()
+                sub._pending_size -= len(msg.data)
+                queue.task_done()
+            if JetStreamContext.is_status_msg(msg):
+                break  # 404 (nothing more), or a stale status of an earlier request
+            taken.append(msg)
+        return taken
 
     async def out_stream_subjects(self) -> list[str] | None:
         """What PU_OUT captures, or None when the stream does not exist."""

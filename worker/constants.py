@@ -26,9 +26,10 @@ HANDLER_RETRY_MAX_SECONDS = 5.0
 # seconds. A lane applies a fetched batch (HUB_BATCH_MAX messages at most)
 # well within ACK_WAIT_SECONDS.
 FETCH_WAIT_SECONDS = 1.0
-# Once a message arrived, how long to wait for more to fill the batch, seconds:
-# the latency a trickle pays for batching.
-FETCH_MORE_SECONDS = 0.005
+# Once a message arrived, the lane takes what else is ready at once (a no-wait
+# pull, see Bus.take_ready) instead of waiting to fill the batch; its answer is
+# given up on after this long (lost across a reconnect), seconds.
+FETCH_READY_TIMEOUT_SECONDS = 1.0
 # Time the server waits for an ack before redelivering, seconds.
 ACK_WAIT_SECONDS = 30.0
 # Unacked messages one consumer may have out at once.

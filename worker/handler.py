@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -87,19 +88,44 @@ class _Message:
 
 
 class MessageHandler:
-    """Handles a lane's batches; `max_payload` is the NATS server's, bytes."""
+    """Handles a lane's batches; `max_payload` is the NATS server's, bytes.
 
-    def __init__(self, prefix: str, metrics: Metrics, max_payload: int) -> None:
+    `outbox_written(backend_pid)` is called after a transaction that wrote outbox
+    rows has committed, with the backend pid of the connection that committed it:
+    the relay of this process, if it leads, wakes at once instead of waiting for
+    PostgreSQL's NOTIFY to come back round (which still wakes the relay of any
+    other process).
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        metrics: Metrics,
+        max_payload: int,
+        outbox_written: Callable[[int], None] | None = None,
+    ) -> None:
         self.prefix = prefix
         self.metrics = metrics
+        self.outbox_written = outbox_written
         # However large the body, its dead letter's announcement fits.
         self.announced_bytes = int(max_payload * DEAD_LETTER_ANNOUNCED_SHARE)
 
     async def handle_batch(
-        self, conn: Connection, msgs: list[Msg], release: asyncio.Event | None = None
+        self,
+        conn: Connection,
+        msgs: list[Msg],
+        release: asyncio.Event | None = None,
+        *,
+        acks_all: bool = False,
     ) -> list[Handled]:
         """Handle fetched messages in order; raises LaneLost when the database is gone,
-        Released when `release` is set while the database is being waited out."""
+        Released when `release` is set while the database is being waited out.
+
+        `acks_all`: the consumer's ack policy is `all` and `msgs` are consecutive
+        deliveries of it; then an ack of the last one settles what the batch
+        applied (each dead letter is terminated first, in order: a `term` under
+        that policy also settles what comes before it). A batch redone one by one
+        settles each message after its own commit, as before."""
         started = time.perf_counter()
         messages = [self._decode(msg) for msg in msgs]
         waiting = _database_waits(release)
@@ -123,8 +149,9 @@ class MessageHandler:
                 ]
                 self._log_batch(msgs, alone, started)
                 return alone
-        for message, handled in zip(messages, outcomes, strict=True):
-            await self._settle(message, handled, started)
+        last = len(messages) - 1
+        for n, (message, handled) in enumerate(zip(messages, outcomes, strict=True)):
+            await self._settle(message, handled, started, ack=not acks_all or n == last)
         self._log_batch(msgs, outcomes, started)
         return outcomes
 
@@ -236,6 +263,7 @@ class MessageHandler:
             plan = await apply_batch(conn, self.prefix, intakes) if intakes else None
             outcomes = iter(plan.outcomes if plan else [])
             handled: list[Handled] = []
+            wrote_outbox = bool(plan and plan.outbound)
             for message in messages:
                 rejected = message.rejected
                 if message.intake is not None:
@@ -245,8 +273,10 @@ class MessageHandler:
                         continue
                     rejected = outcome
                 assert rejected is not None
-                await self._dead_letter(conn, message, rejected)
+                wrote_outbox |= await self._dead_letter(conn, message, rejected)
                 handled.append(Handled("dead_lettered", rejected.reason.value))
+        if wrote_outbox and self.outbox_written is not None:
+            self.outbox_written(conn.get_server_pid())
         return handled
 
     def _decode(self, msg: Msg) -> _Message:
@@ -272,7 +302,8 @@ class MessageHandler:
 
     async def _dead_letter(
         self, conn: Connection, message: _Message, rejected: DeadLetterError
-    ) -> None:
+    ) -> bool:
+        """Store the dead letter and enqueue its announcement; False if it was stored before."""
         msg, meta, stored = message.msg, message.msg.metadata, message.stored
         deliveries = meta.num_delivered
         if rejected.reason is DeadLetterReason.HANDLER_ERROR:
@@ -302,7 +333,7 @@ class MessageHandler:
             headers_bytes=headers_bytes,
         )
         if letter is None:
-            return  # a redelivery of a message dead-lettered before
+            return False  # a redelivery of a message dead-lettered before
         await db.enqueue_outbox(
             conn,
             [
@@ -320,14 +351,19 @@ class MessageHandler:
                 )
             ],
         )
+        return True
 
-    async def _settle(self, message: _Message, handled: Handled, started: float) -> None:
+    async def _settle(
+        self, message: _Message, handled: Handled, started: float, ack: bool = True
+    ) -> None:
+        """Terminate a dead letter; ack anything else, unless `ack` is False (a later
+        message's ack will cover it)."""
         # An ack lost here is harmless: the message comes back and the ledger
         # (or the dead letter's stream position) recognises it.
         try:
             if handled.outcome in ("dead_lettered", "unstored"):
                 await message.msg.term()
-            else:
+            elif ack:
                 await message.msg.ack()
         except NATS_ERRORS as err:
             log.warning(

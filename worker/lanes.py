@@ -41,7 +41,6 @@ from worker import db
 from worker.bus import Bus, PullSubscription
 from worker.connection import NATS_ERRORS
 from worker.constants import (
-    FETCH_MORE_SECONDS,
     FETCH_WAIT_SECONDS,
     LANE_CLAIM_INTERVAL_SECONDS,
     LANE_OWNER_BEAT_SECONDS,
@@ -312,7 +311,8 @@ class LaneManager:
             # yet that its lane is gone. The server would redeliver it only
             # after the ack wait, behind what follows, so the lane rewinds
             # instead of applying out of order. Counted from the take-over on.
-            next_delivery: int | None = await self.bus.take_over(lane)
+            position = await self.bus.take_over(lane)
+            next_delivery: int | None = position.next_delivery
             subscription = await self.bus.pull(lane)
             # Exhausted after REPAIR_AFTER_FAILURES: then each failure repairs the lane.
             fetching = Backoff(
@@ -359,13 +359,16 @@ class LaneManager:
                         got=deliveries[:3],
                     )
                     await _give_back(batch)
-                    next_delivery = await self.bus.take_over(lane)
+                    position = await self.bus.take_over(lane)
+                    next_delivery = position.next_delivery
                     subscription = await _rebind(self.bus, lane, subscription)
                     continue
                 next_delivery = deliveries[-1] + 1
                 self.metrics.batch_size.observe(len(batch))
                 try:
-                    await self.handler.handle_batch(conn, batch, owned.release)
+                    await self.handler.handle_batch(
+                        conn, batch, owned.release, acks_all=position.acks_all
+                    )
                 except LaneLost:
                     await _give_back(batch)
                     raise
@@ -392,16 +395,13 @@ async def _fetch(subscription: PullSubscription, batch_max: int) -> list[Msg]:
 
     A single fetch of `batch_max` would hold the first message back until the
     batch is full or the fetch expires: fine for a backlog, a second of
-    latency for a trickle.
+    latency for a trickle. A trickle waits for nothing: a batch is what came
+    while the lane was busy with the previous one.
     """
     first = await subscription.fetch(1, timeout=FETCH_WAIT_SECONDS)
     if batch_max == 1:
         return first
-    try:
-        more = await subscription.fetch(batch_max - 1, timeout=FETCH_MORE_SECONDS)
-    except TimeoutError:
-        more = []
-    return first + more
+    return first + await Bus.take_ready(subscription, batch_max - 1)
 
 
 async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscription:

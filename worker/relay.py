@@ -47,6 +47,8 @@ from worker.subjects import captured_by
 log = structlog.get_logger("worker.relay")
 
 NOTIFY_CHANNEL = "hub_worker_outbox"
+# Most backend pids of this process's lanes remembered (see OutboxRelay.wake).
+LOCAL_BACKENDS_KEPT = 256
 
 
 class OutboxRelay:
@@ -55,16 +57,33 @@ class OutboxRelay:
         self.prefix = prefix
         self.metrics = metrics
         self.published = 0
+        # Set by a NOTIFY, or directly by this process's lanes (`wake`).
+        self._wake = asyncio.Event()
+        # Backends whose commits wake the relay in-process: their NOTIFYs, which
+        # arrive just after, would only make it read an emptied outbox again.
+        self._local_backends: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<OutboxRelay published={self.published}>"
 
+    def wake(self, backend_pid: int) -> None:
+        """Outbox rows were committed by this process's connection to `backend_pid`:
+        look now (harmless when not leading)."""
+        if backend_pid not in self._local_backends:
+            if len(self._local_backends) >= LOCAL_BACKENDS_KEPT:
+                self._local_backends.clear()  # lanes reconnected many times: forget old pids
+            self._local_backends.add(backend_pid)
+        self._wake.set()
+
     async def duty(self, conn: db.Connection, stopping: asyncio.Event) -> None:
         """Relay until `stopping`, then flush what is left and return."""
-        wake = asyncio.Event()
+        wake = self._wake
 
-        def on_notify(*_: object) -> None:
-            wake.set()
+        def on_notify(_conn: object, pid: int, *_: object) -> None:
+            # A pid reused by another process's backend only delays that
+            # process's rows until the next poll (RELAY_POLL_SECONDS).
+            if pid not in self._local_backends:
+                wake.set()
 
         # Losing a delete in a crash only republishes an event with the same
         # Nats-Msg-Id, so the relay's own commits need not wait for the disk.

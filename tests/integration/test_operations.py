@@ -195,13 +195,15 @@ async def test_a_consumer_with_the_wrong_filter_is_reconciled_at_start(hub: Hub)
     await hub.js.add_consumer(
         hub.settings.events_stream,
         ConsumerConfig(
-            durable_name="hub-worker-p0", filter_subject=f"{hub.prefix}.>", ack_policy=AckPolicy.ALL
+            durable_name="hub-worker-p0",
+            filter_subject=f"{hub.prefix}.>",
+            ack_policy=AckPolicy.EXPLICIT,
         ),
     )
     await hub.start_worker()
     info = await hub.js.consumer_info(hub.settings.events_stream, "hub-worker-p0")
     assert info.config.filter_subject == f"{hub.prefix}.part.0.>"
-    assert info.config.ack_policy == AckPolicy.EXPLICIT
+    assert info.config.ack_policy == AckPolicy.ALL
     for n in range(8):
         await hub.send("sp1", f"s{n}", "spawned")
         await hub.send("sp1", f"s{n}", "completed")
