@@ -103,8 +103,8 @@ async def main() -> None:
     parser.add_argument("--rate", type=int, default=500, help="events/s")
     parser.add_argument("--sample", type=float, default=10, help="seconds between samples")
     args = parser.parse_args()
-    with servers() as (nats_url, admin_dsn):
-        await soak(admin_dsn, nats_url, args.minutes, args.rate, args.sample)
+    with servers() as srv:
+        await soak(srv.admin_dsn, srv.nats_url, args.minutes, args.rate, args.sample)
 
 
 if __name__ == "__main__":
