@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from worker.db import Query  # noqa: E402
 from worker.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from worker.subjects import inbound_subject  # noqa: E402
 
 SEVERITIES = ("low", "low", "low", "medium", "medium", "high")
 KINDS = ("model_degradation", "high_error_count")
@@ -144,7 +145,7 @@ def signal_event(key: tuple[str, str, str], rng: random.Random) -> Event:
 
 
 def subject(prefix: str, event: Event) -> str:
-    return f"{prefix}.spoke.{event.body['spokeId']}.session.{event.session}.{event.tail}"
+    return inbound_subject(prefix, event.body["spokeId"], event.session, event.tail)
 
 
 async def publish(js: object, prefix: str, events: list[Event], window: int = 1000) -> None:

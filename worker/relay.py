@@ -42,7 +42,7 @@ from worker.constants import (
 )
 from worker.metrics import Metrics
 from worker.retry import Backoff
-from worker.subjects import captured_by
+from worker.subjects import captured_by, detection_change_filter
 
 log = structlog.get_logger("worker.relay")
 
@@ -284,7 +284,7 @@ def _superseded(rows: list[db.PendingOutbound], prefix: str) -> set[int]:
     Contract section 5 lets repeated events coalesce (occurrenceCount is a
     gauge): the later one carries everything the earlier one said.
     """
-    repeated = f"{prefix}.detection.repeated."
+    repeated = detection_change_filter(prefix, "repeated")
     dropped: set[int] = set()
     last_repeated: dict[str, int] = {}
     for row in rows:

@@ -124,6 +124,11 @@ def detection_subject(prefix: str, change: str, severity: str, anomaly_type: str
     return f"{prefix}.detection.{change}.{severity}.{anomaly_type.lower()}"
 
 
+def detection_change_filter(prefix: str, change: str) -> str:
+    """What every subject of one kind of detection change begins with."""
+    return f"{prefix}.detection.{change}."
+
+
 def mapping_subject(prefix: str, status: str, session_id: str) -> str:
     return f"{prefix}.mapping.{status}.{session_id}"
 
