@@ -27,7 +27,7 @@ from worker.constants import (
 )
 from worker.handler import MessageHandler
 from worker.lanes import LaneManager
-from worker.leadership import Duty, close_quietly, lead, pause
+from worker.leadership import Duty, close_quietly, lead
 from worker.locks import MAINTENANCE_LEADER, RELAY_LEADER, SWEEP_LEADER, namespace
 from worker.maintenance import LedgerJanitor
 from worker.metrics import Metrics
@@ -35,7 +35,7 @@ from worker.partitions import Lane, lanes
 from worker.probes import Checks, ProbeServer
 from worker.progress import CatchUp
 from worker.relay import OutboxRelay
-from worker.retry import Backoff
+from worker.retry import Backoff, pause
 from worker.sweep import StallSweep
 
 log = structlog.get_logger("worker.app")

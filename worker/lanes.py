@@ -51,11 +51,11 @@ from worker.constants import (
     REPAIR_AFTER_FAILURES,
 )
 from worker.handler import LaneLost, MessageHandler
-from worker.leadership import close_quietly, pause
+from worker.leadership import close_quietly
 from worker.locks import MEMBER_KEY_BASE
 from worker.metrics import Metrics
 from worker.partitions import Lane
-from worker.retry import Backoff
+from worker.retry import Backoff, pause
 
 log = structlog.get_logger("worker.lanes")
 

@@ -8,14 +8,13 @@ and another worker's next try takes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
 
 from worker import db
 from worker.constants import LEADER_RETRY_SECONDS, RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS
-from worker.retry import Backoff
+from worker.retry import Backoff, pause
 
 log = structlog.get_logger("worker.leadership")
 
@@ -69,12 +68,6 @@ async def lead(
         finally:
             if conn is not None:
                 await close_quietly(conn)
-
-
-async def pause(stopping: asyncio.Event, seconds: float) -> None:
-    """Sleep for `seconds`, or less when `stopping` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), timeout=seconds)
 
 
 async def close_quietly(conn: db.Connection) -> None:

@@ -8,7 +8,7 @@ import structlog
 
 from worker import db
 from worker.constants import MAINTENANCE_INTERVAL_SECONDS, PURGE_BATCH_ROWS
-from worker.leadership import pause
+from worker.retry import pause
 
 log = structlog.get_logger("worker.maintenance")
 

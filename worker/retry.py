@@ -13,6 +13,12 @@ import contextlib
 import random
 
 
+async def pause(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep for `seconds`, or less when `stopping` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
+
+
 class Backoff:
     """The delays of one retry loop.
 
@@ -66,6 +72,5 @@ class Backoff:
         """Wait `delay` seconds, or less when `stopping` is set meanwhile."""
         if self.stopping is None:
             await asyncio.sleep(delay)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+        else:
+            await pause(self.stopping, delay)

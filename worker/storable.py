@@ -64,11 +64,13 @@ def stored_forms(subject: bytes, headers: dict[bytes, bytes] | None) -> StoredFo
     readable_headers = None
     headers_bytes = None
     if headers:
-        readable_headers = {readable(k): readable(v) for k, v in headers.items()}
-        exact = all(
-            readable(k).encode() == k and readable(v).encode() == v for k, v in headers.items()
+        forms = [(readable(k), readable(v)) for k, v in headers.items()]
+        readable_headers = dict(forms)
+        exact = len(readable_headers) == len(headers) and all(
+            name.encode() == k and value.encode() == v
+            for (name, value), (k, v) in zip(forms, headers.items(), strict=True)
         )
-        if not exact or len(readable_headers) != len(headers):
+        if not exact:
             headers_bytes = header_block(headers)
     return StoredForms(
         readable_subject,

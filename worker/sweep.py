@@ -12,9 +12,9 @@ from worker.bus import Bus
 from worker.connection import NATS_ERRORS
 from worker.constants import SWEEP_BATCH, SWEEP_TICK_MAX_SECONDS, SWEEP_TICK_MIN_SECONDS
 from worker.domain import SESSION_STALL, Severity, dedup_key
-from worker.leadership import pause
 from worker.metrics import Metrics
 from worker.partitions import Lane
+from worker.retry import pause
 
 log = structlog.get_logger("worker.sweep")
 
