@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -179,6 +180,9 @@ class Result:
     raw_rate: float = 0.0
     statements: list[Statement] = field(default_factory=list)
     batches: int = 0
+    # (wait, statement) -> samples of a worker backend, and the samples taken.
+    waits: Counter[tuple[str, str]] = field(default_factory=Counter)
+    wait_samples: int = 0
 
     @property
     def rate(self) -> float:
@@ -435,14 +439,19 @@ async def top_statements(
     finally:
         await admin.close()
     names = query_names(worker_root)
-    found = []
-    for r in rows:
-        text = _normal(r["query"])
-        name = next((n for body, n in names if body == text), None) or next(
-            (n for body, n in names if body and text.startswith(body[:80])), None
-        )
-        found.append(Statement(name or text[:40], r["calls"], r["total_exec_time"], r["rows"]))
-    return found
+    return [
+        Statement(statement_name(names, r["query"]), r["calls"], r["total_exec_time"], r["rows"])
+        for r in rows
+    ]
+
+
+def statement_name(names: list[tuple[str, str]], query: str) -> str:
+    """The `-- name:` of a statement's text as the server reports it, else its start."""
+    text = _normal(query)
+    name = next((n for body, n in names if body == text), None) or next(
+        (n for body, n in names if body and text.startswith(body[:80])), None
+    )
+    return name or text[:40]
 
 
 async def reset_statements(srv: Servers) -> None:
@@ -504,6 +513,31 @@ async def raw_ceiling(js: object, stream: str, count: int) -> float:
         await js.delete_consumer(stream, name)  # type: ignore[attr-defined]
 
 
+WAITS_SQL = """
+SELECT coalesce(wait_event_type || ':' || wait_event, 'on CPU') AS wait, query
+FROM pg_stat_activity
+WHERE datname = $1 AND state = 'active' AND backend_type = 'client backend'
+  AND application_name LIKE 'hub-worker%'
+"""
+
+
+async def sample_waits(
+    srv: Servers, database: str, worker_root: Path, result: Result, stop: asyncio.Event
+) -> None:
+    """Every 10 ms, what each busy worker backend waits on and in which statement: where
+    statement time (pg_stat_statements' total, which includes waits) is not CPU."""
+    names = query_names(worker_root)
+    admin = await asyncpg.connect(srv.admin_dsn)
+    try:
+        while not stop.is_set():
+            for r in await admin.fetch(WAITS_SQL, database):
+                result.waits[(r["wait"], statement_name(names, r["query"]))] += 1
+            result.wait_samples += 1
+            await asyncio.sleep(0.01)
+    finally:
+        await admin.close()
+
+
 async def drain(
     srv: Servers,
     mode: str,
@@ -513,6 +547,7 @@ async def drain(
     worker_root: Path = ROOT,
     template: str | None = None,
     analyze: bool = False,
+    waits: bool = False,
 ) -> Result:
     stage = Stage(srv.admin_dsn, srv.nats_url, mode, batch_max, workers, worker_root, template)
     await stage.create()
@@ -543,6 +578,13 @@ async def drain(
             await asyncio.sleep(0.005)
         started = time.perf_counter()
         before = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+        result = Result(mode, len(events))
+        sampling = asyncio.Event()
+        sampler = (
+            asyncio.create_task(sample_waits(srv, stage.database, worker_root, result, sampling))
+            if waits
+            else None
+        )
         left_at_start = await outstanding(js, stream) or len(events)
         while True:
             await asyncio.sleep(0.05)
@@ -558,6 +600,9 @@ async def drain(
             )
             if applied >= len(events):
                 break
+        sampling.set()
+        if sampler is not None:
+            await sampler
         rss, cpu = stage.stop()
         statements = (
             await top_statements(srv, stage.database, worker_root) if srv.statements else []
@@ -567,18 +612,11 @@ async def drain(
         )
         await conn.close()
         raw = await raw_ceiling(js, stream, len(events))
-        return Result(
-            mode,
-            len(events),
-            elapsed,
-            peak_rss_mb=rss,
-            cpu_seconds=cpu,
-            window_events=left_at_start,
-            cpu={k: after[k] - before[k] for k in after},
-            raw_rate=raw,
-            statements=statements,
-            batches=batches,
-        )
+        result.seconds, result.peak_rss_mb, result.cpu_seconds = elapsed, rss, cpu
+        result.window_events = left_at_start
+        result.cpu = {k: after[k] - before[k] for k in after}
+        result.raw_rate, result.statements, result.batches = raw, statements, batches
+        return result
     finally:
         stage.kill()
         await nc.close()
@@ -698,6 +736,20 @@ def cpu_table(rows: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def waits_table(r: Result, limit: int = 12) -> str:
+    """Busy worker backends per sample, by what they waited on and in which statement."""
+    samples = r.wait_samples or 1
+    busy = sum(r.waits.values())
+    lines = [
+        f"worker backends of {r.mode}: {busy / samples:.2f} busy on average over "
+        f"{r.wait_samples} samples (10 ms apart)",
+        f"{'wait':<30}{'statement':<34}{'backends':>9}{'share':>7}",
+    ]
+    for (wait, name), n in r.waits.most_common(limit):
+        lines.append(f"{wait[:29]:<30}{name[:33]:<34}{n / samples:>9.3f}{n / (busy or 1):>7.0%}")
+    return "\n".join(lines)
+
+
 def statements_table(r: Result, limit: int = 10) -> str:
     total = sum(s.total_ms for s in r.statements) or 1.0
     lines = [
@@ -751,6 +803,12 @@ async def main() -> None:
         help="the checkout whose worker (and sql/) runs, e.g. a worktree of main",
     )
     parser.add_argument("--statements", type=int, default=10, help="top statements shown")
+    parser.add_argument(
+        "--waits",
+        action="store_true",
+        help="sample pg_stat_activity every 10 ms during each drain: what the worker's "
+        "busy backends wait on, by statement",
+    )
     args = parser.parse_args()
     root = args.worker_root.resolve()
 
@@ -766,7 +824,16 @@ async def main() -> None:
         )
 
         batched = f"batched({args.batch_max})"
-        rows = [await drain(srv, batched, args.batch_max, events[: args.events], worker_root=root)]
+        rows = [
+            await drain(
+                srv,
+                batched,
+                args.batch_max,
+                events[: args.events],
+                worker_root=root,
+                waits=args.waits,
+            )
+        ]
         if not args.skip_baseline:
             rows.append(
                 await drain(srv, "per-message", 1, events[: args.baseline_events], worker_root=root)
@@ -813,6 +880,9 @@ async def main() -> None:
             if r.statements:
                 print()
                 print(statements_table(r, args.statements))
+            if r.wait_samples:
+                print()
+                print(waits_table(r))
 
         if args.rate:
             # Latency per inbound event as a subscriber sees it (bench/latency.py).

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import ROOT, Hub, now_iso, with_database
 from worker import db, schema
+from worker.batch import DetectionRow
 from worker.effects import apply_batch
 from worker.intake import decode
 
@@ -389,3 +390,21 @@ async def test_a_stuck_statement_or_silent_server_ends_in_an_error_not_a_wait(
             await conn.execute("SELECT pg_sleep(3)")
     finally:
         conn.terminate()
+
+
+async def test_the_detection_reads_select_the_fields_of_a_detection_row_in_order(
+    database_url: str,
+) -> None:
+    """`load_snapshot` builds DetectionRow positionally from these two queries."""
+    conn = await db.connect(database_url)
+    try:
+        for query in (
+            db.queries().active_detections_of_sessions,
+            db.queries().newest_resolved_detections,
+        ):
+            statement = await conn.prepare(query.sql)
+            assert [a.name for a in statement.get_attributes()] == [
+                f.name for f in dataclasses.fields(DetectionRow)
+            ], query.name
+    finally:
+        await conn.close()
