@@ -4,15 +4,6 @@
 -- schema_migrations (migrate's bookkeeping) and the rows migrations insert
 -- (schedules' 'stall_sweep').
 
-CREATE FUNCTION public.outbox_notify() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    PERFORM pg_notify('hub_worker_outbox', '');
-    RETURN NULL;
-END;
-$$;
-
 CREATE TABLE public.accounts (
     id text NOT NULL,
     name text,
@@ -235,8 +226,6 @@ CREATE INDEX idx_sessions_live ON public.sessions USING btree (id) WHERE ((statu
 CREATE INDEX idx_sessions_spoke_id ON public.sessions USING btree (spoke_id);
 
 CREATE UNIQUE INDEX uq_detections_active_dedup_key ON public.detections USING btree (dedup_key) WHERE (resolved_at IS NULL);
-
-CREATE TRIGGER outbox_notify AFTER INSERT ON public.outbox FOR EACH STATEMENT EXECUTE FUNCTION public.outbox_notify();
 
 ALTER TABLE ONLY public.detections
     ADD CONSTRAINT detections_resolved_by_fkey FOREIGN KEY (resolved_by) REFERENCES public.accounts(id) ON DELETE SET NULL;

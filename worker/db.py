@@ -181,14 +181,7 @@ class Queries:
     lock_sessions: Query
     active_detections_of_sessions: Query
     newest_resolved_detections: Query
-    record_events: Query
-    ensure_spokes: Query
-    ensure_workspaces: Query
-    ensure_tasks: Query
-    ensure_parent_sessions: Query
-    upsert_sessions: Query
-    upsert_mappings: Query
-    update_detections: Query
+    write_batch: Query
     insert_detections: Query
     # outbox.sql
     enqueue_outbox: Query
@@ -369,14 +362,7 @@ class PendingOutbound:
 async def enqueue_outbox(conn: Connection, rows: list[OutboxRow]) -> None:
     if not rows:
         return
-    await conn.execute(
-        *queries().enqueue_outbox.bind(
-            event_id=[r.event_id for r in rows],
-            subject=[r.subject for r in rows],
-            payload=[r.payload for r in rows],
-            aggregate=[r.aggregate for r in rows],
-        )
-    )
+    await conn.execute(*queries().enqueue_outbox.bind(**_columns(rows, _OUTBOX_COLUMNS)))
 
 
 async def pending_outbox(conn: Connection, limit: int) -> list[PendingOutbound]:
@@ -404,8 +390,10 @@ class OutboxBacklog:
     head: int | None
 
 
-async def outbox_backlog(conn: Connection | Pool) -> OutboxBacklog:
-    row = await conn.fetchrow(*queries().outbox_backlog.bind())
+async def outbox_backlog(conn: Connection | Pool, counted: int = 10_000) -> OutboxBacklog:
+    """Rows waiting (counted up to `counted`, estimated from the ids beyond), the head's
+    time and id."""
+    row = await conn.fetchrow(*queries().outbox_backlog.bind(counted=counted))
     assert row is not None
     return OutboxBacklog(int(row["rows"]), row["oldest"], row["head"])
 
@@ -859,13 +847,17 @@ _NEW_DETECTION_COLUMNS = (
     "resolved_by",
     "resolution",
 )
+_OUTBOX_COLUMNS = ("event_id", "subject", "payload", "aggregate")
 _JSON_COLUMNS = frozenset({"metadata", "details"})
 
 
-def _columns(rows: Sequence[object], names: tuple[str, ...]) -> dict[str, list[Any]]:
-    """Rows turned into one list per column, keyed by the column's (the parameter's) name."""
+def _columns(
+    rows: Sequence[object], names: tuple[str, ...], prefix: str = ""
+) -> dict[str, list[Any]]:
+    """Rows turned into one list per column, keyed by the parameter's name: the
+    column's, after `prefix` (write_batch writes several tables in one statement)."""
     return {
-        name: [
+        prefix + name: [
             _json_text(getattr(r, name)) if name in _JSON_COLUMNS else getattr(r, name)
             for r in rows
         ]
@@ -878,39 +870,35 @@ class LedgerConflict(Exception):
 
 
 async def write_plan(conn: Connection, plan: Plan) -> None:
-    """Write what `worker.batch.simulate` decided, set-based, in dependency order."""
+    """Write what `worker.batch.simulate` decided: one statement, then the new detections."""
     q = queries()
-    if plan.ledger:
-        recorded = await conn.fetch(*q.record_events.bind(event_ids=plan.ledger))
-        if len(recorded) != len(plan.ledger):
-            raise LedgerConflict(
-                f"{len(plan.ledger) - len(recorded)} events were applied meanwhile"
-            )
-    for query, keys in (
-        (q.ensure_spokes, plan.spokes),
-        (q.ensure_workspaces, plan.workspaces),
-        (q.ensure_tasks, plan.tasks),
-    ):
-        if keys:
-            await conn.execute(*query.bind(id=sorted(keys)))
-    if plan.sessions:
-        sessions = sorted(plan.sessions.values(), key=lambda r: r.id)
-        await conn.execute(*q.upsert_sessions.bind(**_columns(sessions, _SESSION_COLUMNS)))
-    if plan.parent_sessions:
-        await conn.execute(*q.ensure_parent_sessions.bind(id=sorted(plan.parent_sessions)))
+    sessions = sorted(plan.sessions.values(), key=lambda r: r.id)
     mappings = [*plan.new_mappings.values(), *plan.changed_mappings.values()]
-    if mappings:
-        await conn.execute(*q.upsert_mappings.bind(**_columns(mappings, _MAPPING_COLUMNS)))
-    if plan.changed_detections:
-        changed = sorted(plan.changed_detections.values(), key=lambda d: d.id)
-        await conn.execute(
-            *q.update_detections.bind(**_columns(changed, _CHANGED_DETECTION_COLUMNS))
+    changed = sorted(plan.changed_detections.values(), key=lambda d: d.id)
+    outbound = plan.outbound
+    written = await conn.fetchrow(
+        *q.write_batch.bind(
+            ledger=plan.ledger,
+            spoke_id=sorted(plan.spokes),
+            workspace_id=sorted(plan.workspaces),
+            task_id=sorted(plan.tasks),
+            # A parent that is one of the batch's sessions is written with them.
+            parent_id=sorted(plan.parent_sessions - plan.sessions.keys()),
+            **_columns(sessions, _SESSION_COLUMNS, "s_"),
+            **_columns(mappings, _MAPPING_COLUMNS, "m_"),
+            **_columns(changed, _CHANGED_DETECTION_COLUMNS, "d_"),
+            **_columns(outbound, _OUTBOX_COLUMNS, "o_"),
+        )
+    )
+    assert written is not None
+    if written["recorded"] != len(plan.ledger):
+        raise LedgerConflict(
+            f"{len(plan.ledger) - written['recorded']} events were applied meanwhile"
         )
     if plan.new_detections:
         new = list(plan.new_detections.values())
-        written = await conn.fetch(
+        inserted = await conn.fetch(
             *q.insert_detections.bind(**_columns(new, _NEW_DETECTION_COLUMNS))
         )
-        if any(r["merged"] for r in written):
+        if any(r["merged"] for r in inserted):
             raise LedgerConflict("an active detection of the batch's keys appeared meanwhile")
-    await enqueue_outbox(conn, plan.outbound)

@@ -66,84 +66,103 @@ CROSS JOIN LATERAL (
     LIMIT 1
 ) AS d;
 
--- name: record_events
--- The once-only ledger; fewer rows back than given means another transaction
--- applied one of them meanwhile, and the batch is retried one by one.
-INSERT INTO processed_events (event_id)
-SELECT unnest(:event_ids::uuid[])
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id;
-
--- name: ensure_spokes
-INSERT INTO spokes (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
-ON CONFLICT (id) DO NOTHING;
-
--- name: ensure_workspaces
-INSERT INTO workspaces (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
-ON CONFLICT (id) DO NOTHING;
-
--- name: ensure_tasks
-INSERT INTO tasks (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
-ON CONFLICT (id) DO NOTHING;
-
--- name: ensure_parent_sessions
--- A coordinator's session the hub has not heard from gets a row with no spoke.
-INSERT INTO sessions (id) SELECT id FROM unnest(:id::text[]) AS t (id) ORDER BY id
-ON CONFLICT (id) DO NOTHING;
-
--- name: upsert_sessions
--- Sessions as the batch left them. A conflict on a new one means another lane
--- just created it as someone's parent (no spoke yet): this lane's state wins.
-INSERT INTO sessions (id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata)
-SELECT id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata::jsonb
-FROM unnest(:id::text[], :spoke_id::text[], :status::text[], :last_activity_at::timestamptz[],
-            :ended_at::timestamptz[], :archived_at::timestamptz[], :metadata::text[])
-     AS s (id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata)
-ORDER BY id
-ON CONFLICT (id) DO UPDATE SET
-    spoke_id = EXCLUDED.spoke_id,
-    status = EXCLUDED.status,
-    last_activity_at = EXCLUDED.last_activity_at,
-    ended_at = EXCLUDED.ended_at,
-    archived_at = EXCLUDED.archived_at,
-    metadata = EXCLUDED.metadata,
-    updated_at = now();
-
--- name: upsert_mappings
-INSERT INTO mappings (id, session_id, spoke_id, workspace_id, parent_session_id, task_id,
-                      task, status, metadata, created_at, updated_at)
-SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
-       metadata::jsonb, created_at, updated_at
-FROM unnest(:id::text[], :session_id::text[], :spoke_id::text[], :workspace_id::text[],
-            :parent_session_id::text[], :task_id::text[], :task::text[], :status::text[],
-            :metadata::text[], :created_at::timestamptz[], :updated_at::timestamptz[])
-     AS m (id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
-           metadata, created_at, updated_at)
-ORDER BY session_id
-ON CONFLICT (session_id) DO UPDATE SET
-    status = EXCLUDED.status,
-    updated_at = EXCLUDED.updated_at;
-
--- name: update_detections
--- Existing detections as the batch left them. Runs before insert_detections,
--- so that a detection resolved in the batch frees its key for a new one.
-UPDATE detections AS d SET
-    severity = c.severity,
-    details = c.details::jsonb,
-    occurrence_count = c.occurrence_count,
-    updated_at = c.updated_at,
-    resolved_at = c.resolved_at,
-    resolved_by = c.resolved_by,
-    resolution = c.resolution
-FROM unnest(:id::text[], :severity::text[], :details::text[], :occurrence_count::int[],
-            :updated_at::timestamptz[], :resolved_at::timestamptz[], :resolved_by::text[],
-            :resolution::text[])
-     AS c (id, severity, details, occurrence_count, updated_at, resolved_at, resolved_by,
-           resolution)
-WHERE d.id = c.id;
+-- name: write_batch
+-- What the batch decided, in one statement: the ledger, the rows its events name
+-- (spokes, workspaces, tasks, parent sessions), sessions, mappings, changed
+-- detections and the outbox (new detections follow in insert_detections). Each
+-- part is a data-modifying CTE; they share one snapshot and touch disjoint rows
+-- (the parents are not among the batch's own sessions), and the foreign keys are
+-- checked when the statement ends, so the order between them does not matter.
+-- `recorded` below the batch's eventIds means another transaction applied one of
+-- them meanwhile: the caller rolls all of it back and redoes the batch one by one.
+WITH recorded AS (
+    INSERT INTO processed_events (event_id)
+    SELECT unnest(:ledger::uuid[])
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING 1
+), spoke AS (
+    INSERT INTO spokes (id)
+    SELECT spoke_id FROM unnest(:spoke_id::text[]) AS t (spoke_id) ORDER BY spoke_id
+    ON CONFLICT (id) DO NOTHING
+), workspace AS (
+    INSERT INTO workspaces (id)
+    SELECT workspace_id FROM unnest(:workspace_id::text[]) AS t (workspace_id) ORDER BY workspace_id
+    ON CONFLICT (id) DO NOTHING
+), task AS (
+    INSERT INTO tasks (id)
+    SELECT task_id FROM unnest(:task_id::text[]) AS t (task_id) ORDER BY task_id
+    ON CONFLICT (id) DO NOTHING
+), parent AS (
+    -- A coordinator's session the hub has not heard from gets a row with no spoke.
+    INSERT INTO sessions (id)
+    SELECT parent_id FROM unnest(:parent_id::text[]) AS t (parent_id) ORDER BY parent_id
+    ON CONFLICT (id) DO NOTHING
+), session AS (
+    -- Sessions as the batch left them. A conflict on a new one means another lane
+    -- just created it as someone's parent (no spoke yet): this lane's state wins.
+    INSERT INTO sessions (id, spoke_id, status, last_activity_at, ended_at, archived_at,
+                          metadata)
+    SELECT id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata::jsonb
+    FROM unnest(:s_id::text[], :s_spoke_id::text[], :s_status::text[],
+                :s_last_activity_at::timestamptz[], :s_ended_at::timestamptz[],
+                :s_archived_at::timestamptz[], :s_metadata::text[])
+         AS s (id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata)
+    ORDER BY id
+    ON CONFLICT (id) DO UPDATE SET
+        spoke_id = EXCLUDED.spoke_id,
+        status = EXCLUDED.status,
+        last_activity_at = EXCLUDED.last_activity_at,
+        ended_at = EXCLUDED.ended_at,
+        archived_at = EXCLUDED.archived_at,
+        metadata = EXCLUDED.metadata,
+        updated_at = now()
+), mapping AS (
+    INSERT INTO mappings (id, session_id, spoke_id, workspace_id, parent_session_id, task_id,
+                          task, status, metadata, created_at, updated_at)
+    SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
+           metadata::jsonb, created_at, updated_at
+    FROM unnest(:m_id::text[], :m_session_id::text[], :m_spoke_id::text[],
+                :m_workspace_id::text[], :m_parent_session_id::text[], :m_task_id::text[],
+                :m_task::text[], :m_status::text[], :m_metadata::text[],
+                :m_created_at::timestamptz[], :m_updated_at::timestamptz[])
+         AS m (id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
+               metadata, created_at, updated_at)
+    ORDER BY session_id
+    ON CONFLICT (session_id) DO UPDATE SET
+        status = EXCLUDED.status,
+        updated_at = EXCLUDED.updated_at
+), detection AS (
+    -- Existing detections as the batch left them; a detection resolved here frees
+    -- its key for a new one, which is why insert_detections is a statement after.
+    UPDATE detections AS d SET
+        severity = c.severity,
+        details = c.details::jsonb,
+        occurrence_count = c.occurrence_count,
+        updated_at = c.updated_at,
+        resolved_at = c.resolved_at,
+        resolved_by = c.resolved_by,
+        resolution = c.resolution
+    FROM unnest(:d_id::text[], :d_severity::text[], :d_details::text[],
+                :d_occurrence_count::int[], :d_updated_at::timestamptz[],
+                :d_resolved_at::timestamptz[], :d_resolved_by::text[], :d_resolution::text[])
+         AS c (id, severity, details, occurrence_count, updated_at, resolved_at, resolved_by,
+               resolution)
+    WHERE d.id = c.id
+), outbound AS (
+    INSERT INTO outbox (event_id, subject, payload, aggregate)
+    SELECT event_id, subject, payload, aggregate
+    FROM unnest(:o_event_id::uuid[], :o_subject::text[], :o_payload::bytea[],
+                :o_aggregate::text[])
+         WITH ORDINALITY AS pending (event_id, subject, payload, aggregate, position)
+    ORDER BY position
+), notified AS (
+    -- The relay leader listens; PostgreSQL delivers this at commit (migration 0009).
+    SELECT pg_notify('hub_worker_outbox', '') WHERE cardinality(:o_event_id::uuid[]) > 0
+)
+SELECT (SELECT count(*) FROM recorded) AS recorded, (SELECT count(*) FROM notified) AS notified;
 
 -- name: insert_detections
--- New detections. The session row lock already keeps other transactions off
+-- New detections, after write_batch. The session row lock already keeps other transactions off
 -- these keys; the partial unique index is the guard of last resort: should an
 -- active detection for a key have appeared meanwhile, its row is merged into
 -- rather than duplicated, and `merged` tells the caller to redo the batch.

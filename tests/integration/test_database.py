@@ -276,13 +276,12 @@ async def test_a_database_built_from_schema_sql_is_the_one_the_migrations_build(
         await conn.close()
     from_migrations = await catalog(database_url)
     assert ("index", "uq_detections_active_dedup_key") in {(k, n) for k, n, _ in from_migrations}
+    # Functions and triggers are compared too; since migration 0009 there are none.
     assert {k for k, _, _ in from_migrations} == {
         "relation",
         "column",
         "constraint",
         "index",
-        "function",
-        "trigger",
         "sequence",
     }
     from_schema = await catalog(empty_database)
@@ -406,5 +405,30 @@ async def test_the_detection_reads_select_the_fields_of_a_detection_row_in_order
             assert [a.name for a in statement.get_attributes()] == [
                 f.name for f in dataclasses.fields(DetectionRow)
             ], query.name
+    finally:
+        await conn.close()
+
+
+async def test_the_outbox_backlog_counts_from_the_head_and_estimates_past_the_count(
+    database_url: str,
+) -> None:
+    conn = await db.connect(database_url)
+    try:
+        empty = await db.outbox_backlog(conn)
+        assert (empty.rows, empty.oldest, empty.head) == (0, None, None)
+        await conn.execute(
+            "INSERT INTO outbox (event_id, subject, payload, aggregate) "
+            "SELECT gen_random_uuid(), 'x', '', 'a' FROM generate_series(1, 12)"
+        )
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")]
+        # Published out of order: the head and a row in the middle are gone.
+        await conn.execute("DELETE FROM outbox WHERE id = ANY($1)", [ids[0], ids[5]])
+        counted = await db.outbox_backlog(conn)
+        assert (counted.rows, counted.head) == (10, ids[1])
+        head_written = await conn.fetchval("SELECT created_at FROM outbox WHERE id = $1", ids[1])
+        assert counted.oldest == head_written
+        # Past the count: the span of ids from the head, which counts the gap.
+        estimated = await db.outbox_backlog(conn, counted=4)
+        assert (estimated.rows, estimated.head) == (11, ids[1])
     finally:
         await conn.close()
