@@ -177,10 +177,8 @@ class Queries:
 
     # batch.sql: applying a batch of inbound events
     batch_start: Query
-    create_new_sessions: Query
     lock_sessions: Query
-    active_detections_of_sessions: Query
-    newest_resolved_detections: Query
+    batch_detections: Query
     write_batch: Query
     insert_detections: Query
     # outbox.sql
@@ -772,29 +770,30 @@ async def load_snapshot(
     event: the owner of a session this creates.
     """
     q = queries()
-    start = await conn.fetchrow(*q.batch_start.bind(event_ids=event_ids))
+    session_ids = sorted(first_spokes)
+    start = await conn.fetchrow(
+        *q.batch_start.bind(
+            event_ids=event_ids,
+            id=session_ids,
+            spoke_id=[first_spokes[s] for s in session_ids],
+        )
+    )
     assert start is not None
     now, applied = start["now"], set(start["applied"])
-    session_ids = sorted(first_spokes)
-    await conn.execute(
-        *q.create_new_sessions.bind(id=session_ids, spoke_id=[first_spokes[s] for s in session_ids])
-    )
     sessions: dict[str, SessionRow] = {}
     mappings: dict[str, MappingRow] = {}
     for r in await conn.fetch(*q.lock_sessions.bind(session_ids=session_ids)):
         sessions[r["id"]] = _session_row(r)
         if r["m_id"] is not None:
             mappings[r["id"]] = _mapping_row(r)
-    # Both queries select DetectionRow's fields in its order (a test checks it): built
-    # positionally, ~230 rows a batch cost a third of building them from dicts.
-    active = {
-        r["dedup_key"]: DetectionRow(*r)
-        for r in await conn.fetch(*q.active_detections_of_sessions.bind(session_ids=session_ids))
-    }
-    resolved = {
-        r["dedup_key"]: DetectionRow(*r)
-        for r in await conn.fetch(*q.newest_resolved_detections.bind(dedup_key=signal_keys))
-    }
+    active: dict[str, DetectionRow] = {}
+    resolved: dict[str, DetectionRow] = {}
+    detections = q.batch_detections.bind(session_ids=session_ids, dedup_key=signal_keys)
+    for r in await conn.fetch(*detections):
+        # After `active`, DetectionRow's fields in its order (a test checks it): built
+        # positionally, ~230 rows a batch cost a third of building them from dicts.
+        row = DetectionRow(*tuple(r)[1:])
+        (active if r["active"] else resolved)[row.dedup_key] = row
     return Snapshot(now, applied, sessions, mappings, active, resolved)
 
 

@@ -6,15 +6,11 @@
 -- writes take one array per column, each named after the column it becomes.
 
 -- name: batch_start
--- The transaction's clock (every "now" of the batch), and which of the batch's
--- eventIds the ledger has already: one round trip.
-SELECT now() AS now,
-       ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(:event_ids::uuid[])) AS applied;
-
--- name: create_new_sessions
--- Sessions seen for the first time are created (with the spoke of their first
--- event, which owns them, and that spoke) before anything is decided, so that
--- every event of a session, new or not, serialises on the session's row.
+-- The transaction's clock (every "now" of the batch) and which of the batch's
+-- eventIds the ledger has already; and sessions seen for the first time are
+-- created (with the spoke of their first event, which owns them, and that spoke)
+-- before anything is decided, so that every event of a session, new or not,
+-- serialises on the session's row (lock_sessions, the next statement, sees them).
 WITH new_session AS (
     SELECT s.id, s.spoke_id
     FROM unnest(:id::text[], :spoke_id::text[]) AS s (id, spoke_id)
@@ -23,10 +19,13 @@ WITH new_session AS (
     INSERT INTO spokes (id)
     SELECT DISTINCT spoke_id FROM new_session ORDER BY spoke_id
     ON CONFLICT (id) DO NOTHING
+), created AS (
+    INSERT INTO sessions (id, spoke_id)
+    SELECT id, spoke_id FROM new_session ORDER BY id
+    ON CONFLICT (id) DO NOTHING
 )
-INSERT INTO sessions (id, spoke_id)
-SELECT id, spoke_id FROM new_session ORDER BY id
-ON CONFLICT (id) DO NOTHING;
+SELECT now() AS now,
+       ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(:event_ids::uuid[])) AS applied;
 
 -- name: lock_sessions
 -- Every change to a session, its mapping and its detections serialises on this
@@ -44,18 +43,23 @@ WHERE s.id = ANY(:session_ids::text[])
 ORDER BY s.id
 FOR NO KEY UPDATE OF s;
 
--- name: active_detections_of_sessions
-SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
-       created_at, updated_at, resolved_at, resolved_by, resolution
-FROM detections WHERE session_id = ANY(:session_ids::text[]) AND resolved_at IS NULL
-ORDER BY id
-FOR NO KEY UPDATE;
-
--- name: newest_resolved_detections
--- Per dedup key, the detection resolved last: what late news counts on. One
--- index probe per key (LIMIT 1 in idx_detections_resolved_by_key's order), so
--- that no plan, with statistics or without, reads more than a row per key.
-SELECT d.id, d.session_id, d.anomaly_type, d.severity, d.details, d.dedup_key,
+-- name: batch_detections
+-- The active detections of the batch's sessions, locked (after their sessions,
+-- by lock_sessions), and per dedup key the detection resolved last: what late
+-- news counts on. `active` tells the two apart; the other columns are
+-- DetectionRow's, in its order. The resolved ones are one index probe per key
+-- (LIMIT 1 in idx_detections_resolved_by_key's order), so that no plan, with
+-- statistics or without, reads more than a row per key.
+WITH active AS (
+    SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
+           created_at, updated_at, resolved_at, resolved_by, resolution
+    FROM detections WHERE session_id = ANY(:session_ids::text[]) AND resolved_at IS NULL
+    ORDER BY id
+    FOR NO KEY UPDATE
+)
+SELECT true AS active, * FROM active
+UNION ALL
+SELECT false, d.id, d.session_id, d.anomaly_type, d.severity, d.details, d.dedup_key,
        d.occurrence_count, d.created_at, d.updated_at, d.resolved_at, d.resolved_by,
        d.resolution
 FROM unnest(:dedup_key::text[]) AS k (dedup_key)

@@ -10,7 +10,7 @@ than the batch has (an index walked for its order and filtered, as
 `idx_detections_resolved_at` was for the active detections of a batch's
 sessions), and on a parallel plan. At these sizes no plan goes parallel; on an
 unanalysed 1,000,000-row table one did (see docs/performance.md), which is why
-`newest_resolved_detections` probes one row per key by construction.
+`batch_detections` probes one resolved row per key by construction.
 """
 
 from __future__ import annotations
@@ -105,14 +105,13 @@ def _hot_queries() -> dict[str, dict[str, Any]]:
     n = BATCH
     new = [str(uuid4()) for _ in range(n)]
     return {
-        "batch_start": {"event_ids": events},
-        "create_new_sessions": {
+        "batch_start": {
+            "event_ids": events,
             "id": [*sessions[:50], *(f"n-{i}" for i in range(50))],
             "spoke_id": spokes,
         },
         "lock_sessions": {"session_ids": sessions},
-        "active_detections_of_sessions": {"session_ids": sessions},
-        "newest_resolved_detections": {"dedup_key": keys},
+        "batch_detections": {"session_ids": sessions, "dedup_key": keys},
         "write_batch": {
             "ledger": events,
             "spoke_id": sorted(set(spokes)),
@@ -259,7 +258,7 @@ async def test_without_the_hot_path_indexes_the_plan_check_fails(
     bad = {
         name: found
         for name, found in (*problems.items(), *analyzed.items())
-        if found and name in ("active_detections_of_sessions", "newest_resolved_detections")
+        if found and name == "batch_detections"
     }
     assert bad, "the plan check passed the pre-0008 indexes"
 
