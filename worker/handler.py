@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import structlog
 from nats.aio.msg import Msg
@@ -51,7 +52,7 @@ from worker.effects import apply_batch
 from worker.intake import Intake, decode
 from worker.metrics import Metrics
 from worker.retry import Backoff
-from worker.storable import StoredForms, ascii_only, header_block, stored_forms
+from worker.storable import StoredForms, ascii_only, header_block, readable_text, stored_forms
 from worker.subjects import as_published
 from worker.wire import WireMsg, raw
 
@@ -75,16 +76,24 @@ class Handled:
 @dataclass
 class _Message:
     msg: Msg
-    stored: StoredForms  # subject as published, and headers, as a dead letter keeps them
+    published: str  # the subject as published, as worker.wire decoded it
+    subject: str  # its readable form (worker.storable): what routes and what is logged
     kind: str  # metric label: lifecycle, "signal" or "unknown"
     intake: Intake | None = None
     rejected: DeadLetterError | None = None
     # Storing its dead letter failed HANDLER_ATTEMPTS times: store the plainest form.
     last_resort: bool = False
 
-    @property
-    def subject(self) -> str:
-        return self.stored.subject
+    @cached_property
+    def stored(self) -> StoredForms:
+        """Subject and headers as a dead letter keeps them: only a dead letter (or its
+        last log line) needs them, so a message that applies never reads its headers."""
+        msg = self.msg
+        headers = msg.published_headers() if isinstance(msg, WireMsg) else msg.headers
+        return stored_forms(
+            raw(self.published),
+            {raw(k): raw(v) for k, v in headers.items()} if headers else None,
+        )
 
 
 class MessageHandler:
@@ -281,16 +290,13 @@ class MessageHandler:
 
     def _decode(self, msg: Msg) -> _Message:
         # Subject and headers may hold any bytes the server accepted (worker.wire).
-        headers = msg.published_headers() if isinstance(msg, WireMsg) else msg.headers
-        stored = stored_forms(
-            raw(as_published(self.prefix, msg.subject)),
-            {raw(k): raw(v) for k, v in headers.items()} if headers else None,
-        )
-        message = _Message(msg, stored, _kind_of(stored.subject))
+        published = as_published(self.prefix, msg.subject)
+        subject = readable_text(published)
+        message = _Message(msg, published, subject, _kind_of(subject))
         if msg.metadata.num_delivered > 1:
             self.metrics.redeliveries.inc()
         try:
-            message.intake = decode(self.prefix, stored.subject, msg.data)
+            message.intake = decode(self.prefix, subject, msg.data)
         except DeadLetterError as rejected:
             message.rejected = rejected
         except Exception as err:  # a surprise in decoding is a dead letter, not a dead lane

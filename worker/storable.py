@@ -39,6 +39,14 @@ def readable(raw: bytes) -> str:
     return "".join(parts)
 
 
+def readable_text(text: str) -> str:
+    """`readable` of the bytes a text decoded with surrogateescape came from (worker.wire);
+    an ASCII text without NUL, any subject a client library sends, is its own."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return readable(text.encode("utf-8", "surrogateescape"))
+
+
 def _spell_out(text: str) -> str:
     return _SPELLED_OUT.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 

@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.storable import ascii_only, header_block, readable, stored_forms
+from worker.storable import ascii_only, header_block, readable, readable_text, stored_forms
 
 _ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
 
@@ -62,3 +62,16 @@ def test_ascii_only_is_printable_ascii_without_nul(text: str) -> None:
     out = ascii_only(text)
     assert out.isascii()
     assert "\x00" not in out
+
+
+@given(st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode)))
+def test_readable_text_is_readable_of_the_bytes_a_wire_text_came_from(data: bytes) -> None:
+    # What worker.wire hands over: the bytes decoded with surrogateescape.
+    text = data.decode("utf-8", "surrogateescape")
+    assert readable_text(text) == readable(data)
+
+
+def test_readable_text_spells_out_nul_and_bytes_that_are_not_utf8() -> None:
+    assert readable_text("a.b") == "a.b"
+    assert readable_text("a\x00b") == "a\\x00b"
+    assert readable_text(b"a\xffb".decode("utf-8", "surrogateescape")) == "a\\xffb"
