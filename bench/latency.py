@@ -18,7 +18,9 @@ Besides p50/p90/p99/max it splits each latency at the outbound event's `occurred
 which is the batch transaction's `now()` (its start): `in` is publish to the start
 of the transaction that applied the event (JetStream, the fetch, waiting for the
 lane), `out` is that start to the arrival (the transaction, its commit, the relay's
-wake-up, read, publish and the delivery).
+wake-up, read, publish and the delivery). `batch` is the events published per batch
+transaction the worker opened meanwhile (from `pg_stat_statements`): at a steady
+rate the cost of a transaction is mostly fixed, so CPU per event follows it.
 """
 
 from __future__ import annotations
@@ -76,6 +78,13 @@ class Latency:
     others: float = 0.0
     statements: list[Statement] = field(default_factory=list)
     seconds: float = 0.0  # of publishing
+    offered_all: int = 0  # events published in the measured window, warm-up included
+
+    @property
+    def batch(self) -> float:
+        """Events per batch transaction (`batch_start` opens each), NaN if not counted."""
+        opened = sum(st.calls for st in self.statements if st.name == "batch_start")
+        return self.offered_all / opened if opened else float("nan")
 
     @staticmethod
     def quantile(values: list[float], q: float) -> float:
@@ -96,14 +105,14 @@ class Latency:
             + "".join(
                 f"{self.cpu_ms.get(p, float('nan')):>8.3f}" for p in ("worker", "postgres", "nats")
             )
-            + f"{self.others:>8.2f}"
+            + f"{self.others:>8.2f}{self.batch:>7.1f}"
         )
 
 
 HEADER = (
     f"{'mode':<14}{'rate':>6}{'events':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}"
     f"{'in p50':>8}{'in p99':>8}{'out p50':>8}{'out p99':>8}{'RSS':>7}"
-    f"{'worker':>8}{'postgres':>8}{'nats':>8}{'others':>8}"
+    f"{'worker':>8}{'postgres':>8}{'nats':>8}{'others':>8}{'batch':>7}"
 )
 
 
@@ -236,6 +245,7 @@ async def steady(
         ours = sum(after - cpu_before[name] for name, after in cpu_after.items())
         result.others = (busy - ours) / publishing
         result.statements, result.seconds = statements, publishing
+        result.offered_all = len(events)
         for event_id, sent in published.items():
             seen = arrivals.get(event_id)
             if seen is None:

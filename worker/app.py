@@ -163,6 +163,7 @@ class Worker:
             all_lanes,
             self.metrics,
             s.batch_max,
+            s.lane_turns,
         )
         self.sweep = StallSweep(
             s.subject_prefix,

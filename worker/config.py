@@ -81,6 +81,8 @@ class Settings:
     # Most inbound messages applied in one transaction; 1 is the per-message
     # mode (one event, one transaction, one ack at a time).
     batch_max: int = 200
+    # Most batch transactions of one worker's lanes at once; 0: no limit.
+    lane_turns: int = 2
 
     @property
     def stream_token(self) -> str:
@@ -102,7 +104,9 @@ class Settings:
             value = env.get(name)
             return value.strip() if value is not None and value.strip() else None
 
-        def positive_int(name: str, default: int, maximum: int | None = None) -> int:
+        def positive_int(
+            name: str, default: int, maximum: int | None = None, minimum: int = 1
+        ) -> int:
             raw = text(name)
             if raw is None:
                 return default
@@ -110,9 +114,10 @@ class Settings:
                 value = int(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-            if value <= 0 or (maximum is not None and value > maximum):
+            if value < minimum or (maximum is not None and value > maximum):
                 bound = f" and at most {maximum}" if maximum is not None else ""
-                raise ConfigError(f"{name} must be greater than 0{bound}, got {value}")
+                least = "greater than 0" if minimum == 1 else f"at least {minimum}"
+                raise ConfigError(f"{name} must be {least}{bound}, got {value}")
             return value
 
         nats_raw = text("HUB_NATS_URL")
@@ -224,6 +229,7 @@ class Settings:
             stream_replicas=positive_int("HUB_STREAM_REPLICAS", 1, maximum=5),
             shutdown_grace_seconds=positive_int("HUB_SHUTDOWN_GRACE_SECONDS", 20),
             batch_max=positive_int("HUB_BATCH_MAX", 200, maximum=MAX_ACK_PENDING),
+            lane_turns=positive_int("HUB_LANE_TURNS", 2, maximum=64, minimum=0),
         )
 
 

@@ -30,6 +30,11 @@ FETCH_WAIT_SECONDS = 1.0
 # pull, see Bus.take_ready) instead of waiting to fill the batch; its answer is
 # given up on after this long (lost across a reconnect), seconds.
 FETCH_READY_TIMEOUT_SECONDS = 1.0
+# A lane waits at most this long for a turn of the batch transaction
+# (HUB_LANE_TURNS, worker.lanes.Turnstile), then goes without one, seconds:
+# a lane holding its turn for long (waiting out a locked database) holds up
+# no other for more than this.
+TURN_WAIT_SECONDS = 0.1
 # Time the server waits for an ack before redelivering, seconds.
 ACK_WAIT_SECONDS = 30.0
 # Unacked messages one consumer may have out at once.

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from uuid import uuid4
 
@@ -49,6 +50,7 @@ from worker.constants import (
     RECONNECT_BASE_SECONDS,
     RECONNECT_MAX_SECONDS,
     REPAIR_AFTER_FAILURES,
+    TURN_WAIT_SECONDS,
 )
 from worker.handler import LaneLost, MessageHandler
 from worker.leadership import close_quietly
@@ -95,6 +97,83 @@ class _Owned:
     progress: Progress = field(default_factory=Progress)
 
 
+class Turnstile:
+    """Turns for the batch transactions of one worker's lanes: at most `turns` at once.
+
+    At a steady rate every lane would otherwise apply what arrived during its
+    previous batch, a few events, in a transaction of its own, all lanes at
+    once, each paying its ~14 statements and commit whatever its size, and all
+    of them competing for the same cores (docs/performance.md). A lane that
+    waited for its turn takes what arrived meanwhile (`_fetch`): fewer, larger
+    transactions, each one quicker. The wait is bounded (`wait_seconds`): a
+    lane that keeps its turn for long (waiting out a locked database, retrying
+    one message at a time) holds the others up for no longer than that, after
+    which they go without a turn; so no message waits anywhere near its ack
+    wait, and nothing can deadlock on a turn. Turns are handed over in arrival
+    order. `turns` 0: no limit.
+    """
+
+    def __init__(self, turns: int, wait_seconds: float | None = None) -> None:
+        self.turns = turns
+        self.wait_seconds = TURN_WAIT_SECONDS if wait_seconds is None else wait_seconds
+        self._free = turns
+        self._waiting: deque[asyncio.Future[bool]] = deque()
+        self.waited = 0  # turns that were not free at once
+        self.skipped = 0  # waits that ran out: the lane went without its turn
+
+    def __repr__(self) -> str:
+        return (
+            f"<Turnstile free={self._free}/{self.turns} waiting={len(self._waiting)}"
+            f" waited={self.waited} skipped={self.skipped}>"
+        )
+
+    async def acquire(self) -> bool:
+        """Wait for a turn, at most `wait_seconds`; False: none came (nor is one held)."""
+        if self.turns <= 0:
+            return False
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return True
+        self.waited += 1
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[bool] = loop.create_future()
+        self._waiting.append(granted)
+        timer = loop.call_later(self.wait_seconds, self._expire, granted)
+        try:
+            held = await granted
+        except BaseException:
+            # Cancelled: a turn handed over just before must not be lost with us.
+            if granted.done() and not granted.cancelled() and granted.result():
+                self.release()
+            else:
+                self._forget(granted)
+            raise
+        finally:
+            timer.cancel()
+        if not held:
+            self.skipped += 1
+        return held
+
+    def _expire(self, granted: asyncio.Future[bool]) -> None:
+        if not granted.done():
+            granted.set_result(False)
+        self._forget(granted)
+
+    def _forget(self, granted: asyncio.Future[bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(granted)
+
+    def release(self) -> None:
+        # Handed straight to the first waiter still waiting, so a lane arriving
+        # just now cannot take it before those that waited.
+        while self._waiting:
+            granted = self._waiting.popleft()
+            if not granted.done():
+                granted.set_result(True)
+                return
+        self._free += 1
+
+
 @dataclass(frozen=True)
 class Stuck:
     durable: str
@@ -114,6 +193,7 @@ class LaneManager:
         lanes: list[Lane],
         metrics: Metrics,
         batch_max: int,
+        turns: int = 0,
     ) -> None:
         self.dsn = dsn
         self.bus = bus
@@ -123,13 +203,18 @@ class LaneManager:
         self.owned: dict[int, _Owned] = {}
         self.metrics = metrics
         self.batch_max = batch_max
+        # Batch transactions of this worker's lanes at once (0: no limit).
+        self.turnstile = Turnstile(turns)
         self.handled = 0
         # Tags every connection of this manager (application_name), so that a peer
         # can end them all should this worker stop beating.
         self.worker_id = uuid4().hex[:12]
 
     def __repr__(self) -> str:
-        return f"<LaneManager {self.worker_id} owned={sorted(self.owned)} handled={self.handled}>"
+        return (
+            f"<LaneManager {self.worker_id} owned={sorted(self.owned)} handled={self.handled}"
+            f" {self.turnstile!r}>"
+        )
 
     def application_name(self, role: str) -> str:
         return f"hub-worker:{role}@{self.worker_id}"
@@ -327,7 +412,7 @@ class LaneManager:
                     # gone, so is the lane. Fetch nothing more from its consumer.
                     raise LaneLost("the lane's database connection is closed")
                 try:
-                    batch = await _fetch(subscription, self.batch_max)
+                    batch, held = await _fetch(subscription, self.batch_max, self.turnstile)
                 except TimeoutError:
                     continue
                 except NATS_ERRORS as err:
@@ -347,32 +432,36 @@ class LaneManager:
                         # bind afresh.
                         subscription = await self._repair(lane, subscription)
                     continue
-                fetching.succeeded()
-                deliveries = [m.metadata.sequence.consumer for m in batch]
-                expected = deliveries[0] if next_delivery is None else next_delivery
-                if deliveries != list(range(expected, expected + len(batch))):
-                    log.warning(
-                        "lane.delivery_gap",
-                        action="lane.rewind",
-                        lane=lane.durable,
-                        expected=expected,
-                        got=deliveries[:3],
-                    )
-                    await _give_back(batch)
-                    position = await self.bus.take_over(lane)
-                    next_delivery = position.next_delivery
-                    subscription = await _rebind(self.bus, lane, subscription)
-                    continue
-                next_delivery = deliveries[-1] + 1
-                self.metrics.batch_size.observe(len(batch))
                 try:
-                    await self.handler.handle_batch(
-                        conn, batch, owned.release, acks_all=position.acks_all
-                    )
-                except LaneLost:
-                    await _give_back(batch)
-                    raise
-                self.handled += len(batch)
+                    fetching.succeeded()
+                    deliveries = [m.metadata.sequence.consumer for m in batch]
+                    expected = deliveries[0] if next_delivery is None else next_delivery
+                    if deliveries != list(range(expected, expected + len(batch))):
+                        log.warning(
+                            "lane.delivery_gap",
+                            action="lane.rewind",
+                            lane=lane.durable,
+                            expected=expected,
+                            got=deliveries[:3],
+                        )
+                        await _give_back(batch)
+                        position = await self.bus.take_over(lane)
+                        next_delivery = position.next_delivery
+                        subscription = await _rebind(self.bus, lane, subscription)
+                        continue
+                    next_delivery = deliveries[-1] + 1
+                    self.metrics.batch_size.observe(len(batch))
+                    try:
+                        await self.handler.handle_batch(
+                            conn, batch, owned.release, acks_all=position.acks_all
+                        )
+                    except LaneLost:
+                        await _give_back(batch)
+                        raise
+                    self.handled += len(batch)
+                finally:
+                    if held:
+                        self.turnstile.release()
             await subscription.unsubscribe()
         except _LANE_ENDING_ERRORS as err:
             log.warning("lane.lost", action="lane.lost", lane=lane.durable, error=str(err))
@@ -390,18 +479,28 @@ class LaneManager:
             log.info("lane.released", action="lane.release", lane=lane.durable)
 
 
-async def _fetch(subscription: PullSubscription, batch_max: int) -> list[Msg]:
-    """Wait for the next message, then take whatever else is already there.
+async def _fetch(
+    subscription: PullSubscription, batch_max: int, turnstile: Turnstile
+) -> tuple[list[Msg], bool]:
+    """Wait for the next message and for a turn, then take whatever else is already
+    there; returns the batch and whether a turn is held (the caller releases it).
 
     A single fetch of `batch_max` would hold the first message back until the
     batch is full or the fetch expires: fine for a backlog, a second of
-    latency for a trickle. A trickle waits for nothing: a batch is what came
-    while the lane was busy with the previous one.
+    latency for a trickle. A trickle waits for nothing but its turn: a batch is
+    what came while the lane was busy with the previous one or waiting for
+    its turn.
     """
     first = await subscription.fetch(1, timeout=FETCH_WAIT_SECONDS)
+    held = await turnstile.acquire()
     if batch_max == 1:
-        return first
-    return first + await Bus.take_ready(subscription, batch_max - 1)
+        return first, held
+    try:
+        return first + await Bus.take_ready(subscription, batch_max - 1), held
+    except BaseException:
+        if held:
+            turnstile.release()
+        raise
 
 
 async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscription:

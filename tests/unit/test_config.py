@@ -157,8 +157,17 @@ def test_stream_names_derive_from_the_prefix(
         ("HUB_NATS_URL", "nats://a:4222,localhost:4223"),
         ("HUB_DATABASE_URL", "mysql://x"),
         ("HUB_DATABASE_URL", "localhost:5432"),
+        ("HUB_LANE_TURNS", "-1"),
+        ("HUB_LANE_TURNS", "65"),
+        ("HUB_LANE_TURNS", "two"),
     ],
 )
 def test_invalid_setting_raises_config_error_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_lane_turns_default_to_two_and_zero_lifts_the_limit() -> None:
+    assert Settings.from_env({}).lane_turns == 2
+    assert Settings.from_env({"HUB_LANE_TURNS": "0"}).lane_turns == 0
+    assert Settings.from_env({"HUB_LANE_TURNS": "8"}).lane_turns == 8

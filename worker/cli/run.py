@@ -47,6 +47,7 @@ environment (README.md has the full table, credentials and TLS included):
   HUB_STALL_AFTER_SECONDS     a session silent this long is stalled (600)
   HUB_SWEEP_INTERVAL_SECONDS  how often the stall sweep runs (30)
   HUB_BATCH_MAX               most events per transaction; 1 is per-message (200)
+  HUB_LANE_TURNS              most batch transactions of the lanes at once; 0: any (2)
   HUB_SHUTDOWN_GRACE_SECONDS  how long a stop may take (20)
   HUB_DATABASE_RUNTIME_ROLE   (migrate) the role granted the rights of run
 

@@ -1,0 +1,73 @@
+"""Turns of the batch transaction (HUB_LANE_TURNS): a lane that keeps its turn for
+long, here one whose transaction waits on a row lock, holds no other lane up; and
+with the turns the hub applies everything, in order, as without them."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+
+from tests.support import Hub, wait_until
+
+pytestmark = pytest.mark.integration
+
+SESSIONS = 16
+
+
+async def _send(hub: Hub, session: str, what: str) -> str:
+    """Publish as a spoke; returns the partition the stream put the event in."""
+    body = hub.event("sp1", session)
+    ack = await hub.js.publish(
+        hub.subject("sp1", session, what),
+        json.dumps(body).encode(),
+        headers={"Nats-Msg-Id": body["eventId"]},
+    )
+    stored = await hub.js.get_msg(hub.settings.events_stream, ack.seq)
+    return stored.subject.split(".")[2]  # <prefix>.part.<n>.spoke...
+
+
+async def test_a_lane_waiting_on_a_lock_in_its_turn_holds_up_no_other_lane(hub: Hub) -> None:
+    await hub.start_worker(lane_turns=1)
+    await _send(hub, "held", "spawned")
+    await hub.settle()
+    operator = await asyncpg.connect(hub.database_url)
+    try:
+        async with operator.transaction():
+            await operator.execute("SELECT 1 FROM sessions WHERE id = 'held' FOR UPDATE")
+            held_partition = await _send(hub, "held", "completed")
+
+            async def lane_waits_on_the_lock() -> bool:
+                return bool(
+                    await hub.value(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND application_name LIKE 'hub-worker:%'"
+                    )
+                )
+
+            await wait_until(lane_waits_on_the_lock, within=30, what="the lane to wait")
+            partitions = {f"s{n}": await _send(hub, f"s{n}", "spawned") for n in range(SESSIONS)}
+            elsewhere = sorted(s for s, p in partitions.items() if p != held_partition)
+            assert elsewhere, "every session in the held lane: pick more sessions"
+
+            async def the_other_lanes_applied_theirs() -> bool:
+                applied = await hub.value(
+                    "SELECT count(*) FROM sessions WHERE id = ANY($1::text[])", elsewhere
+                )
+                return bool(applied == len(elsewhere))
+
+            # The held lane keeps the only turn until the lock goes (its statement
+            # would wait up to DB_STATEMENT_TIMEOUT_SECONDS): the others go without.
+            await wait_until(
+                the_other_lanes_applied_theirs, within=20, what="the other lanes' sessions"
+            )
+            assert await hub.value("SELECT status FROM sessions WHERE id = 'held'") != "completed"
+    finally:
+        await operator.close()
+    await hub.settle()
+    statuses = await hub.rows("SELECT id, status FROM sessions ORDER BY id")
+    assert {r["id"]: r["status"] for r in statuses} == {
+        "held": "completed",
+        **{f"s{n}": "active" for n in range(SESSIONS)},
+    }
