@@ -125,11 +125,13 @@ class Metrics:
             registry=r,
         )
         self.outbox_backlog = Gauge(
-            "hub_worker_outbox_backlog_rows", "Outbound events not yet published.", registry=r
+            "hub_worker_outbox_backlog_rows",
+            "Outbound events not yet published (past 10,000, an upper bound from the ids).",
+            registry=r,
         )
         self.outbox_oldest_age = Gauge(
             "hub_worker_outbox_oldest_age_seconds",
-            "Age of the oldest outbound event not yet published, seconds (0 when none).",
+            "Age of the next outbound event to publish (the oldest by id), seconds (0 when none).",
             registry=r,
         )
         self.publish_seconds = Histogram(
