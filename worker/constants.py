@@ -106,6 +106,8 @@ CONSUMER_STALE_SECONDS = 15.0
 # (nothing published or set aside) this long, seconds. A moving relay replaces it
 # within a window's ack wait (PUBLISH_ACK_TIMEOUT_SECONDS).
 RELAY_STALL_SECONDS = 30.0
+# Outbox rows the backlog gauge counts exactly; past them it is an upper bound.
+OUTBOX_BACKLOG_COUNTED = 10_000
 READINESS_QUERY_SECONDS = 1.0
 # Consecutive fetch failures after which a lane recreates its stream,
 # consumer and subscription as needed.

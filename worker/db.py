@@ -31,6 +31,7 @@ from worker.constants import (
     DB_KEEPALIVE_IDLE_SECONDS,
     DB_KEEPALIVE_INTERVAL_SECONDS,
     DB_STATEMENT_TIMEOUT_SECONDS,
+    OUTBOX_BACKLOG_COUNTED,
 )
 from worker.domain import Severity
 from worker.events import DetectionState
@@ -388,7 +389,9 @@ class OutboxBacklog:
     head: int | None
 
 
-async def outbox_backlog(conn: Connection | Pool, counted: int = 10_000) -> OutboxBacklog:
+async def outbox_backlog(
+    conn: Connection | Pool, counted: int = OUTBOX_BACKLOG_COUNTED
+) -> OutboxBacklog:
     """Rows waiting (counted up to `counted`, estimated from the ids beyond), the head's
     time and id."""
     row = await conn.fetchrow(*queries().outbox_backlog.bind(counted=counted))
