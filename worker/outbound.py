@@ -15,6 +15,7 @@ from worker.events import (
     DetectionState,
     MappingEvent,
     MappingState,
+    OutboundEvent,
 )
 from worker.subjects import deadletter_subject, detection_subject, mapping_subject
 
@@ -28,6 +29,12 @@ class OutboxRow:
     payload: bytes
     # What the event is about: events of one aggregate are published in order.
     aggregate: str
+
+
+def _json(body: OutboundEvent) -> bytes:
+    """`body.model_dump_json().encode()`, without the round trip through str: the
+    serializer writes UTF-8 bytes, which model_dump_json decodes."""
+    return body.__pydantic_serializer__.to_json(body)
 
 
 def detection_changed(
@@ -56,9 +63,7 @@ def detection_changed(
     else:
         body = DetectionEvent(**common, type=f"detection.{change}", detection=detection)
     subject = detection_subject(prefix, change, detection.severity, detection.anomaly_type)
-    return OutboxRow(
-        event_id, subject, body.model_dump_json().encode(), f"detection:{detection.id}"
-    )
+    return OutboxRow(event_id, subject, _json(body), f"detection:{detection.id}")
 
 
 def mapping_changed(
@@ -77,9 +82,7 @@ def mapping_changed(
         }
     )
     subject = mapping_subject(prefix, mapping.status, mapping.session_id)
-    return OutboxRow(
-        event_id, subject, body.model_dump_json().encode(), f"mapping:{mapping.session_id}"
-    )
+    return OutboxRow(event_id, subject, _json(body), f"mapping:{mapping.session_id}")
 
 
 def dead_lettered(
@@ -118,6 +121,6 @@ def dead_lettered(
     return OutboxRow(
         event_id,
         deadletter_subject(prefix, reason),
-        body.model_dump_json().encode(),
+        _json(body),
         f"deadletter:{dead_letter_id}",
     )

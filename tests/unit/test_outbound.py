@@ -9,9 +9,18 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.domain import DetectionChange, SessionStatus, Severity
-from worker.events import DetectionState, MappingState
+from worker.events import (
+    DeadLetterEvent,
+    DetectionEscalatedEvent,
+    DetectionEvent,
+    DetectionState,
+    MappingEvent,
+    MappingState,
+)
 from worker.outbound import dead_lettered, detection_changed, mapping_changed
 
 CREATED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -375,3 +384,45 @@ def test_a_dead_letter_announcement_carries_the_start_of_a_large_body(size: int)
 
 def test_dead_letter_subject_uses_the_prefix() -> None:
     assert _dead_letter("t-42", reason="too_large").subject == "t-42.deadletter.too_large"
+
+
+# --- the bytes: what model_dump_json writes -------------------------------------------
+
+_DETAILS = st.dictionaries(
+    st.text(max_size=6),
+    st.one_of(st.none(), st.integers(), st.floats(allow_nan=False, allow_infinity=False))
+    | st.text(max_size=8).filter(lambda t: not any("\ud800" <= c <= "\udfff" for c in t)),
+    max_size=4,
+)
+
+
+@given(_DETAILS, st.text(max_size=12).filter(lambda t: "\x00" not in t and t.isprintable()))
+def test_each_payload_is_the_models_json_byte_for_byte(details: dict[str, Any], text: str) -> None:
+    # Non-ASCII is written as it is and floats and keys keep their spelling: the
+    # bytes are what the model's own model_dump_json gives.
+    rows_and_models: list[tuple[Any, type[Any]]] = [
+        (detection_changed("hub", "opened", detection(details=details), CAUSE), DetectionEvent),
+        (
+            detection_changed("hub", "escalated", detection(details=details), None, "low"),
+            DetectionEscalatedEvent,
+        ),
+        (mapping_changed("hub", mapping(task=text), "active", CAUSE), MappingEvent),
+        (
+            dead_lettered(
+                "hub",
+                dead_letter_id=7,
+                occurred_at=UPDATED,
+                causation_id=None,
+                reason="invalid_event",
+                error=f"invalid event: {text}",
+                subject=f"hub.spoke.{text}",
+                deliveries=1,
+                payload=text.encode(),
+                announced_bytes=1024,
+            ),
+            DeadLetterEvent,
+        ),
+    ]
+    for row, model in rows_and_models:
+        parsed = model.model_validate_json(row.payload)
+        assert row.payload == parsed.model_dump_json().encode()
