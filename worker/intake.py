@@ -30,14 +30,9 @@ _TOKEN = re.compile(
     r"|(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)|(true|false|null)|([{}\[\]:,]))"
 )
 _STRING, _NUMBER, _LITERAL, _PUNCTUATION = 1, 2, 3, 4
-# What `_vouched_for` looks for, as plain substrings (a regular expression over
-# the body took longer than the parse it guards): NaN and Infinity; a \u0000 or
-# surrogate escape (\uD800-\uDFFF, paired or not); and, in the body with every
-# digit read as 0, every sign as + and E as e, 21 digits in a row or an exponent
-# of three digits. Anywhere, in strings too: a false alarm only costs the long way.
+# What `_vouched_for` looks for, with plain substring tests (a regular
+# expression over the body took longer than the parse it guards).
 _UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
-_NUMBER_SHAPES = bytes.maketrans(b"123456789-E", b"000000000+e")
-_LONG_DIGITS = b"0" * 21
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ def decode(prefix: str, subject: str, body: bytes) -> Intake:
 def _fast_event(model: type[InboundEvent], body: bytes) -> InboundEvent | None:
     """The event, read in one pass by pydantic-core's own JSON parser, when that gives
     exactly what `_checked_event` would; None when it refuses the body, or when the
-    body holds something the two read differently (`_vouched_for`).
+    body holds something the two read differently (`_vouched_for`, `_overflows`).
 
     `_checked_event` has the last word on every body this refuses: each dead letter's
     reason and text come from there.
@@ -85,33 +80,30 @@ def _fast_event(model: type[InboundEvent], body: bytes) -> InboundEvent | None:
     try:
         # by_name=False: only the camelCase keys count, as in `_known_members`
         # (a body's `session_id` is an unknown key, not the sessionId).
-        return model.model_validate_json(body, strict=True, by_name=False)
+        event = model.model_validate_json(body, strict=True, by_name=False)
     except (ValueError, RecursionError):  # ValidationError among them
         return None
+    return None if _overflows(event) else event
 
 
 def _vouched_for(body: bytes) -> bool:
     """Whether pydantic-core's JSON parser (jiter), should it accept `body`, reads it
     exactly as `_checked_event` does; False where they may differ.
 
-    They agree on duplicate keys (the last wins), whitespace, escapes, integers (both
-    stop at Python's 4,300 digits) and floats of up to 20 digits in a row; they
+    They agree on duplicate keys (the last wins), whitespace, escapes and numbers
+    (floats of any length, rounded alike; integers up to Python's 4,300 digits); they
     differ on (tests/unit/test_intake_properties.py shows each):
     - NaN and Infinity: jiter takes them, json.loads here refuses them (invalid_json);
     - \\u0000 and surrogate escapes: jiter takes \\u0000, which no known value may hold;
-    - a number that overflows to infinity: 1e400, or 400 digits and a fraction;
     - nesting: jiter takes 200 levels, a known value may nest 64 (counting brackets
       bounds the depth; strings and unknown keys count too, honest bodies hold few).
     Bytes that are not UTF-8 and a BOM, which jiter refuses too, are checked here
     all the same, so that the fast path does not depend on it.
-    A false alarm only costs the long way.
+    Anywhere in the body, strings too: a false alarm only costs the long way.
     """
     if b"NaN" in body or b"Infinity" in body:
         return False
     if b"\\u" in body and _UNSTORABLE_ESCAPE.search(body) is not None:
-        return False
-    shapes = body.translate(_NUMBER_SHAPES)
-    if _LONG_DIGITS in shapes or b"e000" in shapes or b"e+000" in shapes:
         return False
     if body.count(b"{") + body.count(b"[") > MAX_KNOWN_VALUE_DEPTH:
         return False
@@ -124,6 +116,23 @@ def _vouched_for(body: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _overflows(event: InboundEvent) -> bool:
+    """Whether a known value holds a number that overflowed to infinity (1e400): both
+    parsers read it so, and `_checked_event` refuses it (`_unstorable`). Looked for
+    in the event rather than the body, where an exponent's digits look like those of
+    a hexadecimal id."""
+    pending: list[object] = list(event.__dict__.values())
+    while pending:
+        value = pending.pop()
+        if isinstance(value, float) and math.isinf(value):
+            return True
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
 
 
 def _checked_event(model: type[InboundEvent], body: bytes) -> InboundEvent:
