@@ -9,6 +9,15 @@ MAX_EVENT_BYTES = 64 * 1024
 # invalid_event; unknown keys may nest as deep as 64 KiB allows.
 MAX_KNOWN_VALUE_DEPTH = 64
 
+# Inbound subjects whose route (worker.subjects.parse_inbound) is remembered,
+# the least recently seen forgotten first: a drain sees the same few thousand
+# (a session's lifecycle, its signal kinds) over and over. Only subjects of at
+# most ROUTE_CACHE_LONGEST characters, which every subject of the contract is
+# (ids of 128 and a kind of 64), so that it holds 2 MiB at most, whatever
+# subjects arrive.
+ROUTE_CACHE_SUBJECTS = 4096
+ROUTE_CACHE_LONGEST = 512
+
 # A dead letter's announcement carries at most this share of the server's
 # max_payload of the original body (as base64, a third more, so two thirds of
 # max_payload at most): with the rest of the event it fits whatever arrived.

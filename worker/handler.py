@@ -452,7 +452,7 @@ def _described(err: Exception) -> str:
 
 def _kind_of(subject: str) -> str:
     """The metric label of an event: its lifecycle, `signal`, or `unknown`."""
-    tokens = subject.split(".")
+    tokens = subject.rsplit(".", 2)  # only the last two matter
     if len(tokens) >= 2 and tokens[-2] == "signal":
         return "signal"
     return tokens[-1] if tokens[-1] in LIFECYCLES else "unknown"

@@ -12,12 +12,17 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from worker.constants import MAX_EVENT_BYTES, MAX_KNOWN_VALUE_DEPTH
+from worker.constants import (
+    MAX_EVENT_BYTES,
+    MAX_KNOWN_VALUE_DEPTH,
+    ROUTE_CACHE_LONGEST,
+    ROUTE_CACHE_SUBJECTS,
+)
 from worker.domain import DeadLetterError, DeadLetterReason
 from worker.events import InboundEvent, SignalEvent, lifecycle_model, validation_problems
 from worker.storable import UNSTORABLE_TEXT
@@ -43,7 +48,7 @@ class Intake:
 
 def decode(prefix: str, subject: str, body: bytes) -> Intake:
     """Decode one inbound message; raises DeadLetterError with the contract's reason."""
-    route = parse_inbound(prefix, subject)
+    route = _route(prefix, subject)
     if route is None:
         _reject(
             DeadLetterReason.UNKNOWN_SUBJECT,
@@ -157,6 +162,16 @@ def _checked_event(model: type[InboundEvent], body: bytes) -> InboundEvent:
     except (RecursionError, ValueError) as err:
         _reject(DeadLetterReason.INVALID_EVENT, f"invalid event: {err}")
     return event
+
+
+def _route(prefix: str, subject: str) -> Route | None:
+    if len(subject) > ROUTE_CACHE_LONGEST:
+        return parse_inbound(prefix, subject)
+    return _remembered_route(prefix, subject)
+
+
+# Routes are frozen: one may be handed out any number of times.
+_remembered_route = lru_cache(maxsize=ROUTE_CACHE_SUBJECTS)(parse_inbound)
 
 
 def _model_for(route: Route) -> type[InboundEvent]:
