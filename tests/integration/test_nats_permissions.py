@@ -36,19 +36,21 @@ from worker.embedded import EmbeddedNats
 pytestmark = pytest.mark.integration
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "nats-server.conf"
-USERS = ("hub-worker", "spoke-alpha", "spoke-beta", "alerts", "coordinator")
+USERS = ("hub-worker", "spoke-alpha", "spoke-beta", "alerts", "coordinator", "operator")
 PASSWORD_VARIABLES = {
     "hub-worker": "HUB_WORKER_NATS_PASSWORD",
     "spoke-alpha": "SPOKE_ALPHA_NATS_PASSWORD",
     "spoke-beta": "SPOKE_BETA_NATS_PASSWORD",
     "alerts": "ALERTS_NATS_PASSWORD",
     "coordinator": "COORDINATOR_NATS_PASSWORD",
+    "operator": "OPERATOR_NATS_PASSWORD",
 }
 INBOXES = {
     "hub-worker": "_INBOX_hub_worker",
     "spoke-alpha": "_INBOX_spoke_alpha",
     "spoke-beta": "_INBOX_spoke_beta",
     "coordinator": "_INBOX_coordinator",
+    "operator": "_INBOX_operator",
 }
 
 
@@ -180,7 +182,33 @@ FORBIDDEN = {
         ("Subscription", "hub.deadletter.>"),
         ("Subscription", "hub.cmd.detection.resolve"),
     ],
+    # An operator reads the lanes' state but may not take their messages, change
+    # their consumers or the streams, nor publish what only the worker publishes.
+    "operator": [
+        ("Publish", "$JS.API.CONSUMER.MSG.NEXT.HUB_EVENTS.hub-worker-p0"),
+        ("Publish", "$JS.API.CONSUMER.DELETE.HUB_EVENTS.hub-worker-p0"),
+        ("Publish", "$JS.API.CONSUMER.CREATE.HUB_EVENTS.spy"),
+        ("Publish", "$JS.ACK.HUB_EVENTS.hub-worker-p0.1.1.1.1.0"),
+        ("Publish", "$JS.API.STREAM.DELETE.HUB_OUT"),
+        ("Publish", "$JS.API.STREAM.PURGE.HUB_EVENTS"),
+        ("Publish", "hub.detection.opened.high.forged"),
+        ("Subscription", "hub.spoke.>"),
+        ("Subscription", "_INBOX_hub_worker.>"),
+    ],
 }
+
+
+async def assert_refused(
+    secured_nats: SecuredNats, connect: Callable[[str], Awaitable[NATS]], user: str, body: bytes
+) -> None:
+    """Each of FORBIDDEN[user], tried on a connection of its own, is refused."""
+    for kind, subject in FORBIDDEN[user]:
+        nc = await connect(user)
+        if kind == "Publish":
+            await nc.publish(subject, body)
+        else:
+            await nc.subscribe(subject)
+        await secured_nats.refused(user, kind, subject)
 
 
 def event(spoke: str, session: str, **fields: Any) -> bytes:
@@ -232,16 +260,7 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
 
         # ... and is refused another spoke's subjects, for writing and for reading,
         # the worker's output, and JetStream's API.
-        async def all_refused(user: str, body: bytes) -> None:
-            for kind, subject in FORBIDDEN[user]:
-                nc = await connect(user)
-                if kind == "Publish":
-                    await nc.publish(subject, body)
-                else:
-                    await nc.subscribe(subject)
-                await secured_nats.refused(user, kind, subject)
-
-        await all_refused("spoke-alpha", event("beta", "b1"))
+        await assert_refused(secured_nats, connect, "spoke-alpha", event("beta", "b1"))
 
         async def applied() -> bool:
             return bool(
@@ -260,7 +279,7 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
             )
 
         await wait_until(delivered, within=20)
-        await all_refused("alerts", event("alpha", "a1"))
+        await assert_refused(secured_nats, connect, "alerts", event("alpha", "a1"))
 
         # A coordinator resolves the detection through the worker, which may answer it.
         await db.execute("INSERT INTO accounts (id) VALUES ('ops')")
@@ -297,6 +316,91 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
 
     # The worker did all of that without being refused anything.
     assert secured_nats.violations("hub-worker") == []
+
+
+async def test_an_operator_runs_the_commands_as_its_user(
+    secured_nats: SecuredNats,
+    connect: Callable[[str], Awaitable[NATS]],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """`status`, a durable `alerts`, `resolve` and `deadletters replay`, as the
+    `operator` user of the shipped file, each do their job with nothing refused;
+    what the operator may not do is refused."""
+    settings = Settings.from_env(worker_env(secured_nats, tmp_path) | {"HUB_PARTITIONS": "2"})
+    assert settings.nats_urls is not None
+    worker = Worker(settings, database_url, list(settings.nats_urls))
+    stopping = asyncio.Event()
+    running = asyncio.create_task(worker.run(stopping))
+    db = await asyncpg.connect(database_url)
+    alpha = (await connect("spoke-alpha")).jetstream()
+    env = operator_env(secured_nats, tmp_path) | {"HUB_DATABASE_URL": database_url}
+
+    async def command(*argv: str) -> str:
+        process = await start_hub_worker(*argv, env=env, cwd=tmp_path)
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        text = output.decode()
+        assert process.returncode == 0, f"{argv}: {text}"
+        return text
+
+    try:
+
+        async def ready() -> bool:
+            return await worker.readiness() == READY
+
+        await wait_until(ready, within=30)
+        await alpha.publish("hub.spoke.alpha.session.o1.spawned", event("alpha", "o1"))
+        await alpha.publish(
+            "hub.spoke.alpha.session.o1.signal.high_error_count",
+            event("alpha", "o1", severity="high"),
+        )
+        await alpha.publish("hub.spoke.alpha.session.o1.heartbeat", b"not json")
+
+        async def applied() -> bool:
+            return bool(
+                await db.fetchval("SELECT count(*) FROM detections WHERE session_id = 'o1'")
+            ) and bool(await db.fetchval("SELECT count(*) FROM dead_letters"))
+
+        await wait_until(applied, within=20)
+        await db.execute("INSERT INTO accounts (id) VALUES ('ops')")
+        (status,) = documents(await command("status", "--json"), "lanes")
+        # The lanes' consumers were read (pending is None for a consumer not seen).
+        assert status["lanes"], status
+        assert all(lane["pending"] == 0 for lane in status["lanes"]), status
+
+        (alert,) = documents(
+            await command(
+                "alerts", "--durable", "ops-log", "--since", "all", "--count", "1", "--json"
+            ),
+            "detection",
+        )
+        assert alert["type"] == "detection.opened", alert
+
+        detection = await db.fetchval("SELECT id FROM detections WHERE session_id = 'o1'")
+        await command("resolve", str(detection), "--by", "ops", "--resolution", "fixed")
+        assert await db.fetchval("SELECT resolution FROM detections WHERE id = $1", detection) == (
+            "fixed"
+        )
+
+        dead_letter = await db.fetchval("SELECT id FROM dead_letters")
+        await command("deadletters", "replay", str(dead_letter))
+        assert await db.fetchval(
+            "SELECT replayed_at IS NOT NULL FROM dead_letters WHERE id = $1", dead_letter
+        )
+    finally:
+        stopping.set()
+        await asyncio.wait_for(running, timeout=30)
+        await db.close()
+
+    # With no worker running, what a spoke publishes waits: status reads its age.
+    await alpha.publish("hub.spoke.alpha.session.o1.completed", event("alpha", "o1"))
+    (status,) = documents(await command("status", "--json"), "lanes")
+    waiting = [lane for lane in status["lanes"] if lane["pending"]]
+    assert len(waiting) == 1, status
+    assert waiting[0]["oldestUnappliedSeconds"] is not None, status
+
+    assert secured_nats.violations("operator") == []
+    await assert_refused(secured_nats, connect, "operator", event("alpha", "o1"))
 
 
 async def test_server_refuses_wrong_password_missing_or_foreign_certificate(
@@ -342,6 +446,29 @@ def worker_env(secured_nats: SecuredNats, tmp_path: Path) -> dict[str, str]:
         "HUB_NATS_INBOX_PREFIX": INBOXES["hub-worker"],
         "HUB_HTTP_ADDR": "",
         "HUB_LOG_FORMAT": "json",
+    }
+
+
+def documents(output: str, key: str) -> list[dict[str, Any]]:
+    """The JSON objects holding `key` in a command's output, where its JSON log lines
+    (stderr) and its answer (stdout, perhaps over several lines) arrive together."""
+    decoder, found, at = json.JSONDecoder(), [], output.find("{")
+    while at >= 0:
+        document, end = decoder.raw_decode(output, at)
+        if isinstance(document, dict) and key in document:
+            found.append(document)
+        at = output.find("{", end)
+    return found
+
+
+def operator_env(secured_nats: SecuredNats, tmp_path: Path) -> dict[str, str]:
+    """The operator's user for the worker's commands, as HUB_* variables."""
+    env = worker_env(secured_nats, tmp_path)
+    del env["HUB_NATS_PASSWORD_FILE"]
+    return env | {
+        "HUB_NATS_USER": "operator",
+        "HUB_NATS_PASSWORD": secured_nats.passwords["operator"],
+        "HUB_NATS_INBOX_PREFIX": INBOXES["operator"],
     }
 
 
