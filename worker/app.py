@@ -155,7 +155,7 @@ class Worker:
         all_lanes = lanes(s.subject_prefix, partitions)
         lock_namespace = namespace(s.subject_prefix)
         self.relay = relay = OutboxRelay(bus, s.subject_prefix, self.metrics)
-        self.lane_manager = LaneManager(
+        self.lane_manager = lane_manager = LaneManager(
             self.database_url,
             bus,
             MessageHandler(s.subject_prefix, self.metrics, bus.nc.max_payload, relay.wake),
@@ -182,7 +182,16 @@ class Worker:
 
         def duty(role: str, key: int, body: Duty) -> asyncio.Task[None]:
             return asyncio.create_task(
-                lead(role, self.database_url, lock_namespace, key, body, duties_stopping),
+                lead(
+                    role,
+                    self.database_url,
+                    lock_namespace,
+                    key,
+                    body,
+                    duties_stopping,
+                    # Tagged as the lanes are: a peer ends a hung leader with them.
+                    application_name=lane_manager.application_name(role),
+                ),
                 name=role,
             )
 

@@ -18,9 +18,10 @@ locks: the kernel answers keepalives for it. So each lane manager beats in
 `worker_heartbeats` from its control connection and tags every connection it
 opens with its worker id; a peer that finds a beat older than
 LANE_OWNER_SILENT_SECONDS terminates that worker's tagged backends, which
-releases its lanes and its member slot, and claims the lanes as usual. The
-hung worker, resuming, finds its connections dead: nothing it had in hand
-can commit, its lanes end with LaneLost and it rejoins.
+releases its lanes and its member slot (and the leaderships of the relay, the
+sweep and the janitor, whose connections carry the same tag), and claims the
+lanes as usual. The hung worker, resuming, finds its connections dead: nothing
+it had in hand can commit, its lanes end with LaneLost and it rejoins.
 """
 
 from __future__ import annotations

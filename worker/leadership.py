@@ -28,8 +28,14 @@ async def lead(
     lock_key: int,
     duty: Duty,
     stopping: asyncio.Event,
+    application_name: str | None = None,
 ) -> None:
     """Try to lead `role` until `stopping`; while leading, run `duty(conn, stopping)`.
+
+    `application_name` tags the leader's connection (default `hub-worker:<role>`): the
+    worker gives it its lane manager's tag, so that a peer that finds the worker
+    silent ends this connection with its lanes' (`LaneManager.application_name`),
+    and with it the leadership of a hung worker.
 
     The duty returns when `stopping` is set (after finishing its work). Whatever
     it raises (the database gone, a statement timed out behind an operator's
@@ -40,7 +46,7 @@ async def lead(
     while not stopping.is_set():
         conn: db.Connection | None = None
         try:
-            conn = await db.connect(dsn, application_name=f"hub-worker:{role}")
+            conn = await db.connect(dsn, application_name=application_name or f"hub-worker:{role}")
             while not stopping.is_set():
                 if await db.try_lock(conn, lock_namespace, lock_key):
                     log.info("leader.elected", action="leader.elected", role=role)

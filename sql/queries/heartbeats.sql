@@ -15,7 +15,7 @@ ORDER BY worker_id;
 -- Forget the worker if it is still silent for :silent_seconds, and terminate every
 -- backend it tagged ('hub-worker:<role>@' || :worker_id, then db.tagged's
 -- '@host:pid'), which releases its advisory locks:
--- its lanes and its member slot. One statement: a worker that beat meanwhile is spared.
+-- its lanes, its member slot and any leadership. One statement: a worker that beat meanwhile is spared.
 -- Only backends of our own role, which a role may always terminate (a superuser's may
 -- not be). Returns the number of backends signalled.
 WITH silent AS (
