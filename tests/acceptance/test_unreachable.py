@@ -65,7 +65,10 @@ async def test_waits_for_servers_stops_on_sigterm_and_leaks_no_credentials(
         writer.close()
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(asyncio.gather(collecting, process.wait()), timeout=20)
+        try:
+            await asyncio.wait_for(asyncio.gather(collecting, process.wait()), timeout=20)
+        except TimeoutError:
+            raise AssertionError(f"no stop 20 s after SIGTERM: {''.join(lines)}") from None
     finally:
         if process.returncode is None:
             process.kill()
