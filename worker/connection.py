@@ -22,6 +22,8 @@ log = structlog.get_logger("worker.connection")
 
 # While a first connection to NATS is still being tried, a log line this often, seconds.
 CONNECT_NOTICE_SECONDS = 5.0
+# How long a cancelled connect may take to end before it is cancelled again, seconds.
+CANCEL_AGAIN_SECONDS = 0.5
 
 
 class Stopped(Exception):
@@ -149,9 +151,7 @@ async def connect(
             stop.cancel()
             refused.cancel()
             if not connecting.done():
-                connecting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
-                    await connecting
+                await _cancel(connecting)
                 raise Stopped
             nc = await connecting
             return nc, watch
@@ -161,6 +161,22 @@ async def connect(
             await backoff.sleep(delay)
             if stopping is not None and stopping.is_set():
                 raise Stopped from err
+
+
+async def _cancel(connecting: asyncio.Future[NATS]) -> None:
+    """Cancel nats-py's connect and wait until it has ended.
+
+    One cancel can be lost: on Python 3.11, `asyncio.wait_for` (around each of
+    nats-py's connection attempts) returns the attempt's outcome instead when the
+    attempt ends just as the cancel arrives, and nats-py, refused, goes on to the
+    next attempt, for ever: a SIGTERM while waiting for NATS then never stopped the
+    worker. So it is cancelled again until it ends.
+    """
+    while not connecting.done():
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=CANCEL_AGAIN_SECONDS)
+    with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
+        await connecting
 
 
 class ConnectionWatch:

@@ -329,9 +329,12 @@ async def connect(
 
 
 async def create_pool(dsn: str, *, max_size: int = 10) -> Pool:
+    """A pool that connects when first used: creating it cannot fail with the database's
+    weather (a connection cut just after the migrations stopped the worker), and each
+    user of a connection waits out an outage its own way (probes, gauges, commands)."""
     pool: Pool = await asyncpg.create_pool(
         dsn,
-        min_size=1,
+        min_size=0,
         max_size=max_size,
         init=_init_bounded_connection,
         server_settings={"application_name": tagged("hub-worker")},

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -19,7 +18,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
@@ -248,20 +247,20 @@ async def test_the_lane_gauges_are_reported_once_per_lane_across_replicas(hub: H
         return lanes == all_lanes(hub)
 
     # The first worker reports every lane; the lanes it hands over must leave its /metrics.
-    await wait_until(first_reports_all, within=10, what="the first worker to report all lanes")
+    await wait_until(first_reports_all, what="the first worker to report all lanes")
     await hub.start_worker(http_addr=f"127.0.0.1:{ports[1]}")
 
-    async def reported() -> dict[int, dict[str, set[str]]]:
-        """Per worker: metric name -> the lanes it has a series for."""
-        found: dict[int, dict[str, set[str]]] = {}
+    async def reported() -> dict[int, dict[str, dict[str, float]]]:
+        """Per worker: metric name -> lane -> the value of its series."""
+        found: dict[int, dict[str, dict[str, float]]] = {}
         for port in ports:
             _, text = await probe(port, "/metrics")
             assert isinstance(text, str)
-            by_name: dict[str, set[str]] = {}
-            for (name, labels), _value in samples(text).items():
+            by_name: dict[str, dict[str, float]] = {}
+            for (name, labels), value in samples(text).items():
                 lane = dict(labels).get("lane") or dict(labels).get("consumer")
                 if name.startswith(("hub_worker_lane_", "hub_worker_consumer_")) and lane:
-                    by_name.setdefault(name, set()).add(lane)
+                    by_name.setdefault(name, {})[lane] = value
             found[port] = by_name
         return found
 
@@ -275,33 +274,46 @@ async def test_the_lane_gauges_are_reported_once_per_lane_across_replicas(hub: H
 
     last_seen: list[object] = []  # what the last check saw, for the failure message
 
-    async def once_per_lane() -> bool:
+    async def once_per_lane(nothing_waits: bool = False) -> bool:
         owners = await lane_owners(hub)
         found = await reported()
         last_seen[:] = [owners, found]
-        if len(owners) != 2:
+        # The split settled: two owners, each within its fair share. A lane being
+        # handed over is still locked by (and in the /metrics of) its old owner, which
+        # then holds more than its share; once released, nobody reports it until its
+        # next owner has claimed and sampled it, so only a settled split is checked.
+        share = math.ceil(len(all_lanes(hub)) / 2)
+        if len(owners) != 2 or any(len(lanes) > share for lanes in owners.values()):
             return False
         for name in names:
-            per_worker = [found[port].get(name, set()) for port in ports]
+            per_worker = [set(found[port].get(name, {})) for port in ports]
             if not all(per_worker) or per_worker[0] & per_worker[1]:
                 return False
             if per_worker[0] | per_worker[1] != all_lanes(hub):
                 return False
+        pending = [
+            v for port in ports for v in found[port]["hub_worker_lane_pending_messages"].values()
+        ]
+        if nothing_waits and any(pending):
+            return False  # not sampled since the hub settled yet
         return sorted(map(frozenset, owners.values())) == sorted(
             frozenset(found[port]["hub_worker_lane_lag_seconds"]) for port in ports
         )
 
-    try:
-        # Generous on a loaded machine: lanes settle in seconds, sampling is every 2 s.
-        await wait_until(once_per_lane, within=60, what="each lane reported by its owner alone")
-    except AssertionError as timeout:
-        raise AssertionError(f"{timeout}; last seen owners, reported: {last_seen}") from None
+    async def settled_once_per_lane() -> bool:
+        return await once_per_lane(nothing_waits=True)
+
+    async def wait_reported(check: Callable[[], Awaitable[bool]], what: str) -> None:
+        try:
+            # Generous on a loaded machine: lanes settle in seconds, sampling is every 2 s.
+            await wait_until(check, within=60, what=what)
+        except AssertionError as timeout:
+            raise AssertionError(f"{timeout}; last seen owners, reported: {last_seen}") from None
+
+    await wait_reported(once_per_lane, "each lane reported by its owner alone")
     await hub.settle()
-    await asyncio.sleep(2.5)  # a sampling period: nothing waits any more
-    found = await reported()
-    assert set().union(*(f["hub_worker_lane_lag_seconds"] for f in found.values())) == all_lanes(
-        hub
-    )
+    # Lanes with nothing waiting any more are still reported, by their owner alone.
+    await wait_reported(settled_once_per_lane, "each idle lane reported by its owner alone")
 
 
 async def test_the_runtime_role_may_end_a_silent_worker_and_spares_a_live_one(

@@ -7,9 +7,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
+import worker.app
 from tests.integration.test_workers import assert_tables_match, publish_all
 from tests.support import READY, Hub, open_hub, wait_until
 from tests.support.workload import expect, generate
@@ -55,6 +58,42 @@ async def test_postgres_restart_is_waited_out(
             await assert_tables_match(hub, expect(stream))
     finally:
         postgres.stop(mode="immediate")
+
+
+async def test_a_database_gone_just_after_the_migrations_is_waited_out(
+    hub: Hub, postgres_admin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's start after the migrations (NATS, then the command pool, lanes and
+    leaders) meets an outage: it waits it out like any other, it does not stop."""
+    database = await hub.value("SELECT current_database()")
+    await hub.db.close()  # a database with sessions cannot be renamed
+    admin = await asyncpg.connect(postgres_admin_url)
+    migrate = worker.app.migrate
+
+    async def migrate_then_gone(*args: Any, **kwargs: Any) -> list[str]:
+        applied = await migrate(*args, **kwargs)
+        # Gone under its name: every connection is refused until it comes back.
+        await admin.execute(f'ALTER DATABASE "{database}" RENAME TO "{database}_away"')
+        return applied
+
+    monkeypatch.setattr(worker.app, "migrate", migrate_then_gone)
+    try:
+        started = await hub.start_worker()
+        ((running, _),) = hub.workers
+
+        async def past_the_pool() -> bool:
+            return started.pool is not None or running.done()
+
+        await wait_until(past_the_pool, what="the worker to create its command pool")
+        assert not running.done(), "the worker must keep running"
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}_away" RENAME TO "{database}"')
+        await admin.close()
+        hub.db = await db.connect(hub.database_url)
+    await hub.send("sp1", "s1", "spawned")
+    await hub.settle(within=60)
+    assert await hub.value("SELECT status FROM sessions WHERE id = 's1'") == "active"
+    assert started.liveness() == {"loops": "ok"}
 
 
 async def test_nats_restart_is_waited_out(
