@@ -145,6 +145,13 @@ async def test_sigterm_drains_and_exits_zero(hub: Hub) -> None:
     assert '"event": "worker.stopped"' in worker.log()
     # What it did not get to stays in the stream for the next worker.
     restarted = hub.spawn_worker_process()
+
+    async def started() -> bool:
+        # Its handlers are installed before it logs anything of its own: a SIGTERM
+        # before that (the stream may already be settled) would find Python's default.
+        return '"event": "worker.started"' in restarted.log()
+
+    await wait_until(started, within=60, what="the restarted worker to start")
     await hub.settle(within=60)
     await assert_tables_match(hub, expect(stream))
     assert restarted.terminate() == 0
