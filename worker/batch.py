@@ -28,7 +28,7 @@ from worker.domain import (
     max_severity,
     signal_change,
 )
-from worker.events import DetectionState, EndedEvent, MappingState, SignalEvent, SpawnedEvent
+from worker.events import EndedEvent, SignalEvent, SpawnedEvent
 from worker.intake import Intake
 from worker.outbound import OutboxRow
 
@@ -52,6 +52,8 @@ class SessionRow:
     metadata: dict[str, Any] | None = None
 
 
+# A mapping row and a detection row list MappingState's and DetectionState's fields
+# in the models' order: `worker.outbound` serializes their vars() as those models.
 @dataclass
 class MappingRow:
     id: str
@@ -65,9 +67,6 @@ class MappingRow:
     metadata: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
-
-    def state(self) -> MappingState:
-        return MappingState.model_validate(self.__dict__)
 
 
 @dataclass
@@ -84,9 +83,6 @@ class DetectionRow:
     resolved_at: datetime | None = None
     resolved_by: str | None = None
     resolution: str | None = None
-
-    def state(self) -> DetectionState:
-        return DetectionState.model_validate(self.__dict__)
 
 
 @dataclass
@@ -129,7 +125,7 @@ class Plan:
         causation: UUID,
         previous: Severity | None = None,
     ) -> None:
-        event = outbound.detection_changed(prefix, change, row.state(), causation, previous)
+        event = outbound.detection_changed(prefix, change, vars(row), causation, previous)
         position = self._repeated_at.pop(row.id, None)
         if change == "repeated" and position is not None:
             # Coalesced (contract section 5): occurrenceCount is a gauge.
@@ -143,7 +139,7 @@ class Plan:
     def publish_mapping(
         self, prefix: str, row: MappingRow, previous: str | None, causation: UUID
     ) -> None:
-        self.outbound.append(outbound.mapping_changed(prefix, row.state(), previous, causation))
+        self.outbound.append(outbound.mapping_changed(prefix, vars(row), previous, causation))
 
 
 def simulate(prefix: str, intakes: list[Intake], snapshot: Snapshot) -> Plan:

@@ -92,7 +92,8 @@ class ResolveCommand:
                 )
                 assert detection is not None  # the row is locked and was active
                 await db.enqueue_outbox(
-                    conn, [outbound.detection_changed(self.prefix, "resolved", detection, None)]
+                    conn,
+                    [outbound.detection_changed(self.prefix, "resolved", dict(detection), None)],
                 )
         except Refused as refused:
             return ResolveReply(ok=False, error=refused.error)

@@ -54,7 +54,7 @@ from worker.metrics import Metrics
 from worker.retry import Backoff
 from worker.storable import StoredForms, ascii_only, header_block, readable_text, stored_forms
 from worker.subjects import as_published
-from worker.wire import WireMsg, raw
+from worker.wire import WireMsg, delivery, raw
 
 log = structlog.get_logger("worker.handler")
 
@@ -293,7 +293,7 @@ class MessageHandler:
         published = as_published(self.prefix, msg.subject)
         subject = readable_text(published)
         message = _Message(msg, published, subject, _kind_of(subject))
-        if msg.metadata.num_delivered > 1:
+        if delivery(msg).deliveries > 1:
             self.metrics.redeliveries.inc()
         try:
             message.intake = decode(self.prefix, subject, msg.data)

@@ -59,6 +59,7 @@ from worker.locks import MEMBER_KEY_BASE
 from worker.metrics import Metrics
 from worker.partitions import Lane
 from worker.retry import Backoff, pause
+from worker.wire import delivery
 
 log = structlog.get_logger("worker.lanes")
 
@@ -435,7 +436,7 @@ class LaneManager:
                     continue
                 try:
                     fetching.succeeded()
-                    deliveries = [m.metadata.sequence.consumer for m in batch]
+                    deliveries = [delivery(m).consumer_sequence for m in batch]
                     expected = deliveries[0] if next_delivery is None else next_delivery
                     if deliveries != list(range(expected, expected + len(batch))):
                         log.warning(

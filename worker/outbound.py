@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID, uuid4
+
+from pydantic import BaseModel
+from pydantic_core import SchemaSerializer, core_schema
 
 from worker.domain import DetectionChange, Severity
 from worker.events import (
     DeadLetterEvent,
     DetectionEscalatedEvent,
     DetectionEvent,
-    DetectionState,
     MappingEvent,
-    MappingState,
     OutboundEvent,
 )
 from worker.subjects import deadletter_subject, detection_subject, mapping_subject
@@ -37,52 +40,119 @@ def _json(body: OutboundEvent) -> bytes:
     return body.__pydantic_serializer__.to_json(body)
 
 
+# The keys a model field of the core schema may have: anything else (a field
+# excluded, or excluded by a condition) is refused at import rather than written
+# differently from the model; so is a custom serializer anywhere (`serialization`:
+# a field or model serializer may read the model it is given).
+_PLAIN_FIELD_KEYS = frozenset(
+    {"type", "schema", "validation_alias", "serialization_alias", "metadata", "frozen"}
+)
+
+
+def _as_typed_dicts(schema: Any) -> Any:
+    """A copy of a core schema in which every model is a typed dict of its fields,
+    with the same field schemas, aliases and config."""
+    if isinstance(schema, list):
+        return [_as_typed_dicts(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "serialization" in schema:
+        raise TypeError(f"a custom serializer: {schema['serialization']!r}")
+    if schema.get("type") != "model":
+        return {key: _as_typed_dicts(value) for key, value in schema.items()}
+    fields = schema["schema"]
+    if fields["type"] != "model-fields" or fields.get("computed_fields") or schema["root_model"]:
+        raise TypeError(f"{schema['cls'].__name__}: not a plain model of fields")
+    typed: dict[str, core_schema.TypedDictField] = {}
+    for name, field in fields["fields"].items():
+        if not field.keys() <= _PLAIN_FIELD_KEYS:
+            raise TypeError(f"{schema['cls'].__name__}.{name}: not a plain field")
+        typed[name] = core_schema.typed_dict_field(
+            _as_typed_dicts(field["schema"]),
+            required=True,
+            serialization_alias=field.get("serialization_alias"),
+        )
+    return core_schema.typed_dict_schema(typed, config=schema.get("config"), ref=schema.get("ref"))
+
+
+def _dict_serializer(model: type[BaseModel]) -> SchemaSerializer:
+    """The model's own serializer, for its fields given as a dict (a nested model's as
+    a dict too) instead of as a model: the same bytes as `model_dump_json`, without
+    building and validating a model per event (tests/unit/test_outbound.py compares
+    them byte for byte). The dicts hold every field by name, in the model's order,
+    values already valid: nothing is checked here beyond the serializer's own warning
+    on a value of an unexpected type. The models stay the one statement of the schema.
+    """
+    schema = model.__pydantic_core_schema__
+    return SchemaSerializer(_as_typed_dicts(schema), schema.get("config"))
+
+
+_DETECTION_EVENT = _dict_serializer(DetectionEvent)
+_DETECTION_ESCALATED_EVENT = _dict_serializer(DetectionEscalatedEvent)
+_MAPPING_EVENT = _dict_serializer(MappingEvent)
+
+
 def detection_changed(
     prefix: str,
     change: DetectionChange,
-    detection: DetectionState,
+    detection: Mapping[str, Any],
     causation_id: UUID | None,
     previous_severity: Severity | None = None,
 ) -> OutboxRow:
-    """`P.detection.{change}.{severity}.{kind}` carrying the detection as committed."""
+    """`P.detection.{change}.{severity}.{kind}` carrying the detection as committed.
+
+    `detection` holds `DetectionState`'s fields by name and in its order, as committed
+    (a `batch.DetectionRow`'s `vars()`, or `dict()` of a `DetectionState`).
+    """
     event_id = uuid4()
-    common = {
-        "event_id": event_id,
-        "occurred_at": detection.updated_at,
-        "causation_id": causation_id,
-    }
-    body: DetectionEvent | DetectionEscalatedEvent
     if change == "escalated":
         assert previous_severity is not None
-        body = DetectionEscalatedEvent(
-            **common,
-            type="detection.escalated",
-            previous_severity=previous_severity,
-            detection=detection,
+        payload = _DETECTION_ESCALATED_EVENT.to_json(
+            {
+                "event_id": event_id,
+                "occurred_at": detection["updated_at"],
+                "causation_id": causation_id,
+                "type": "detection.escalated",
+                "previous_severity": previous_severity,
+                "detection": detection,
+            }
         )
     else:
-        body = DetectionEvent(**common, type=f"detection.{change}", detection=detection)
-    subject = detection_subject(prefix, change, detection.severity, detection.anomaly_type)
-    return OutboxRow(event_id, subject, _json(body), f"detection:{detection.id}")
+        payload = _DETECTION_EVENT.to_json(
+            {
+                "event_id": event_id,
+                "occurred_at": detection["updated_at"],
+                "causation_id": causation_id,
+                "type": f"detection.{change}",
+                "detection": detection,
+            }
+        )
+    subject = detection_subject(prefix, change, detection["severity"], detection["anomaly_type"])
+    return OutboxRow(event_id, subject, payload, f"detection:{detection['id']}")
 
 
 def mapping_changed(
-    prefix: str, mapping: MappingState, previous_status: str | None, causation_id: UUID | None
+    prefix: str, mapping: Mapping[str, Any], previous_status: str | None, causation_id: UUID | None
 ) -> OutboxRow:
-    """`P.mapping.{status}.{sessionId}`: a mapping was created or changed status."""
+    """`P.mapping.{status}.{sessionId}`: a mapping was created or changed status.
+
+    `mapping` holds `MappingState`'s fields by name and in its order, as committed
+    (a `batch.MappingRow`'s `vars()`, whose `metadata` is not written; or `dict()` of
+    a `MappingState`).
+    """
     event_id = uuid4()
-    body = MappingEvent.model_validate(
+    payload = _MAPPING_EVENT.to_json(
         {
             "event_id": event_id,
-            "occurred_at": mapping.updated_at,
+            "occurred_at": mapping["updated_at"],
             "causation_id": causation_id,
-            "type": f"mapping.{mapping.status}",
+            "type": f"mapping.{mapping['status']}",
             "previous_status": previous_status,
             "mapping": mapping,
         }
     )
-    subject = mapping_subject(prefix, mapping.status, mapping.session_id)
-    return OutboxRow(event_id, subject, _json(body), f"mapping:{mapping.session_id}")
+    subject = mapping_subject(prefix, mapping["status"], mapping["session_id"])
+    return OutboxRow(event_id, subject, payload, f"mapping:{mapping['session_id']}")
 
 
 def dead_lettered(

@@ -94,7 +94,7 @@ class StallSweep:
                 await db.enqueue_outbox(
                     conn,
                     [
-                        outbound.detection_changed(self.prefix, "opened", d, None)
+                        outbound.detection_changed(self.prefix, "opened", dict(d), None)
                         for d in detections
                     ],
                 )

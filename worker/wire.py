@@ -28,17 +28,21 @@ replaced here, each keeping its behaviour for well-formed messages:
   raises for other codes, and the lane would wait for it forever. Such a header
   is withheld from `headers` (`is_status_msg` reads it there) and kept in
   `WireMsg.withheld_headers`, so the message is handled and stored like any other.
+
+`delivery` reads the two numbers of a delivery's reply subject that every message
+needs, without the datetime and dataclasses of nats-py's `Msg.metadata`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats.protocol.parser
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 from nats.js.api import Header
 
 # Replies of messages that a JetStream consumer delivers from its stream.
@@ -61,6 +65,37 @@ _PROTOCOL_LINES = {
 }
 for _name, _expression in _PROTOCOL_LINES.items():
     setattr(nats.protocol.parser, _name, _expression)
+
+
+class Delivery(NamedTuple):
+    """What a lane reads of every message's reply subject."""
+
+    consumer_sequence: int  # `Msg.metadata.sequence.consumer`
+    deliveries: int  # `Msg.metadata.num_delivered`
+
+
+def delivery(msg: Msg) -> Delivery:
+    """`msg.metadata`'s consumer sequence and number of deliveries, read from the reply
+    subject as nats-py reads them: `$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+    seq>.<consumer seq>.<timestamp>.<pending>` (9 tokens), or with the domain and
+    account hash after `ACK` (11 tokens, or more: a random token at the end).
+
+    Raises NotJSMessageError where nats-py does (no reply, another form), ValueError
+    where one of these two tokens is not a number. Unlike `Msg.metadata`, the other
+    numbers (stream sequence, timestamp, pending), which the server writes, are not
+    parsed, nor a datetime built: a dead letter and a log line read those from
+    `msg.metadata` (tests/unit/test_wire.py compares the two).
+    """
+    if not msg.reply:
+        raise NotJSMessageError
+    tokens = msg.reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise NotJSMessageError
+    if len(tokens) == 9:
+        return Delivery(int(tokens[6]), int(tokens[4]))
+    if len(tokens) >= 11:
+        return Delivery(int(tokens[8]), int(tokens[6]))
+    raise NotJSMessageError
 
 
 def raw(text: str) -> bytes:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime, timedelta
+from dataclasses import fields
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BaseModel, computed_field, field_serializer, model_serializer
 
+from worker.batch import DetectionRow, MappingRow
 from worker.domain import DetectionChange, SessionStatus, Severity
 from worker.events import (
     DeadLetterEvent,
@@ -21,7 +24,8 @@ from worker.events import (
     MappingEvent,
     MappingState,
 )
-from worker.outbound import dead_lettered, detection_changed, mapping_changed
+from worker.outbound import _dict_serializer, dead_lettered, detection_changed, mapping_changed
+from worker.subjects import detection_subject, mapping_subject
 
 CREATED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 UPDATED = CREATED + timedelta(minutes=3)
@@ -56,7 +60,8 @@ MAPPING_KEYS = {
 }
 
 
-def detection(**overrides: Any) -> DetectionState:
+def detection(**overrides: Any) -> dict[str, Any]:
+    """A detection's fields, as detection_changed takes them (checked by the model)."""
     fields: dict[str, Any] = {
         "id": "det-1",
         "session_id": "sess-1",
@@ -72,10 +77,11 @@ def detection(**overrides: Any) -> DetectionState:
         "resolution": None,
     }
     fields.update(overrides)
-    return DetectionState(**fields)
+    return dict(DetectionState(**fields))
 
 
-def mapping(**overrides: Any) -> MappingState:
+def mapping(**overrides: Any) -> dict[str, Any]:
+    """A mapping's fields, as mapping_changed takes them (checked by the model)."""
     fields: dict[str, Any] = {
         "id": "map-1",
         "session_id": "sess-1",
@@ -89,7 +95,7 @@ def mapping(**overrides: Any) -> MappingState:
         "updated_at": UPDATED,
     }
     fields.update(overrides)
-    return MappingState(**fields)
+    return dict(MappingState(**fields))
 
 
 def payload(row: Any) -> dict[str, Any]:
@@ -426,3 +432,185 @@ def test_each_payload_is_the_models_json_byte_for_byte(details: dict[str, Any], 
     for row, model in rows_and_models:
         parsed = model.model_validate_json(row.payload)
         assert row.payload == parsed.model_dump_json().encode()
+
+
+# --- the bytes: the dict serializer against the models ---------------------------------
+#
+# detection_changed and mapping_changed serialize the committed row's fields through a
+# serializer derived from the models' own core schema, without building a model; what
+# they write must be what building and validating the models wrote, byte for byte.
+
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_JSON_VALUE = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+_OFFSETS = st.integers(min_value=-1439, max_value=1439).map(
+    lambda m: timezone(timedelta(minutes=m))
+)
+_WHEN = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC) | _OFFSETS
+)
+_SEVERITY = st.sampled_from(["low", "medium", "high"])
+
+
+@st.composite
+def _detection_rows(draw: st.DrawFn) -> DetectionRow:
+    resolved = draw(st.booleans())
+    return DetectionRow(
+        id=draw(_TEXT),
+        session_id=draw(_TEXT),
+        anomaly_type=draw(_TEXT),
+        severity=draw(_SEVERITY),
+        details=draw(st.none() | st.dictionaries(_TEXT, _JSON_VALUE, max_size=4)),
+        dedup_key=draw(_TEXT),
+        occurrence_count=draw(st.integers(min_value=1, max_value=2**62)),
+        created_at=draw(_WHEN),
+        updated_at=draw(_WHEN),
+        resolved_at=draw(_WHEN) if resolved else None,
+        resolved_by=draw(st.none() | _TEXT) if resolved else None,
+        resolution=draw(
+            st.sampled_from(["acknowledged", "dismissed", "escalated", "fixed", "auto_resolved"])
+        )
+        if resolved
+        else None,
+    )
+
+
+@st.composite
+def _mapping_rows(draw: st.DrawFn) -> MappingRow:
+    return MappingRow(
+        id=draw(_TEXT),
+        session_id=draw(_TEXT),
+        spoke_id=draw(st.none() | _TEXT),
+        workspace_id=draw(st.none() | _TEXT),
+        parent_session_id=draw(st.none() | _TEXT),
+        task_id=draw(st.none() | _TEXT),
+        task=draw(st.none() | _TEXT),
+        status=draw(st.sampled_from(["active", "completed", "failed", "aborted"])),
+        metadata=draw(st.none() | st.dictionaries(_TEXT, _JSON_VALUE, max_size=3)),
+        created_at=draw(_WHEN),
+        updated_at=draw(_WHEN),
+    )
+
+
+def _as_the_models_wrote_it(
+    change: DetectionChange,
+    state: DetectionState,
+    event_id: UUID,
+    cause: UUID | None,
+    previous: Severity | None,
+) -> bytes:
+    """The payload as detection_changed built it from validated models before."""
+    common: dict[str, Any] = {
+        "event_id": event_id,
+        "occurred_at": state.updated_at,
+        "causation_id": cause,
+    }
+    body: DetectionEvent | DetectionEscalatedEvent
+    if change == "escalated":
+        body = DetectionEscalatedEvent(
+            **common, type="detection.escalated", previous_severity=previous, detection=state
+        )
+    else:
+        body = DetectionEvent(**common, type=f"detection.{change}", detection=state)
+    return body.model_dump_json().encode()
+
+
+@given(
+    _detection_rows(),
+    st.sampled_from(["opened", "repeated", "escalated", "resolved"]),
+    st.none() | st.uuids(),
+    _SEVERITY,
+    st.sampled_from(["hub", "t-42", "org.hub"]),
+)
+def test_a_detection_event_is_what_the_validated_models_wrote(
+    row: DetectionRow,
+    change: DetectionChange,
+    cause: UUID | None,
+    previous: Severity,
+    prefix: str,
+) -> None:
+    state = DetectionState.model_validate(vars(row))
+    # From a batch's row, and from a DetectionState (the sweep and the resolve command).
+    for given_fields in (vars(row), dict(state)):
+        out = detection_changed(prefix, change, given_fields, cause, previous)
+        assert out.payload == _as_the_models_wrote_it(change, state, out.event_id, cause, previous)
+        assert out.subject == detection_subject(prefix, change, row.severity, row.anomaly_type)
+        assert out.aggregate == f"detection:{row.id}"
+
+
+@given(
+    _mapping_rows(),
+    st.none() | st.sampled_from(["active", "completed", "failed", "aborted"]),
+    st.none() | st.uuids(),
+)
+def test_a_mapping_event_is_what_the_validated_models_wrote(
+    row: MappingRow, previous: SessionStatus | None, cause: UUID | None
+) -> None:
+    state = MappingState.model_validate(vars(row))
+    for given_fields in (vars(row), dict(state)):
+        out = mapping_changed("hub", given_fields, previous, cause)
+        before = MappingEvent(
+            event_id=out.event_id,
+            occurred_at=state.updated_at,
+            causation_id=cause,
+            type=f"mapping.{state.status}",
+            previous_status=previous,
+            mapping=state,
+        )
+        assert out.payload == before.model_dump_json().encode()
+        assert out.subject == mapping_subject("hub", row.status, row.session_id)
+        assert out.aggregate == f"mapping:{row.session_id}"
+
+
+def test_the_rows_hold_the_states_fields_in_their_order() -> None:
+    # The serializer writes a dict's keys in the dict's order: a row's vars() must
+    # list the model's fields in the model's order (a mapping row's metadata aside,
+    # which the serializer leaves out as the model ignores it).
+    assert [f.name for f in fields(DetectionRow)] == list(DetectionState.model_fields)
+    assert [f.name for f in fields(MappingRow) if f.name != "metadata"] == list(
+        MappingState.model_fields
+    )
+
+
+class _Computed(BaseModel):
+    a: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def b(self) -> int:
+        return self.a
+
+
+class _CustomField(BaseModel):
+    a: int
+
+    @field_serializer("a")
+    def _a(self, value: int) -> str:
+        return str(value)
+
+
+class _CustomModel(BaseModel):
+    a: int
+
+    @model_serializer
+    def _all(self) -> dict[str, int]:
+        return {"a": self.a}
+
+
+class _Nested(BaseModel):
+    inner: _CustomModel
+
+
+@pytest.mark.parametrize("model", [_Computed, _CustomField, _CustomModel, _Nested])
+def test_the_dict_serializer_refuses_what_a_dict_would_be_written_differently_for(
+    model: type[BaseModel],
+) -> None:
+    with pytest.raises(TypeError):
+        _dict_serializer(model)

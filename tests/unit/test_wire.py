@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 from nats.protocol.parser import Parser
 
-from worker.wire import WireClient, WireMsg, raw
+from worker.wire import WireClient, WireMsg, delivery, raw
 
 
 class _Recorder:
@@ -63,3 +67,93 @@ def test_header_names_and_values_keep_their_bytes() -> None:
 async def test_an_inline_status_line_that_is_not_utf8_is_read_as_plain_headers() -> None:
     parsed = await WireClient()._process_headers(b"NATS/1.0 40\xff4 x\r\nX-A: 1\r\n\r\n")
     assert parsed == {"X-A": "1"}
+
+
+# --- delivery: the reply subject's numbers, as Msg.metadata reads them ---------------
+
+_TOKEN = st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters=".*> \t\r\n"),
+    min_size=1,
+    max_size=12,
+)
+_NUMBER = st.integers(min_value=0, max_value=2**64 - 1)
+# Nanoseconds since the epoch that Python's datetime can hold (nats-py builds one).
+_NANOS = st.integers(min_value=0, max_value=250_000_000_000 * 10**9)
+
+
+def _msg(reply: str) -> Msg:
+    return Msg(_client=None, subject="x", reply=reply)  # type: ignore[arg-type]
+
+
+@st.composite
+def _replies(draw: st.DrawFn) -> str:
+    """A reply subject in one of the forms JetStream writes."""
+    numbers = [str(draw(_NUMBER)) for _ in range(3)]
+    tail = [str(draw(_NANOS)), str(draw(_NUMBER))]
+    names = [draw(_TOKEN), draw(_TOKEN)]
+    if draw(st.booleans()):  # without domain and account hash
+        return ".".join(["$JS", "ACK", *names, *numbers, *tail])
+    domain = draw(st.just("_") | _TOKEN)
+    extra = draw(st.lists(_TOKEN, max_size=2))  # the random token, or none
+    return ".".join(["$JS", "ACK", domain, draw(_TOKEN), *names, *numbers, *tail, *extra])
+
+
+@given(_replies())
+def test_delivery_reads_what_msg_metadata_reads(reply: str) -> None:
+    meta = _msg(reply).metadata
+    assert delivery(_msg(reply)) == (meta.sequence.consumer, meta.num_delivered)
+
+
+_SOME_TOKENS = st.lists(
+    _TOKEN | _NUMBER.map(str) | st.sampled_from(["$JS", "ACK", "", "-1", "+2", " 3", "4_0"]),
+    max_size=14,
+).map(".".join)
+
+
+@given(_SOME_TOKENS | _SOME_TOKENS.map("$JS.ACK.".__add__) | st.text(max_size=40))
+def test_delivery_refuses_where_msg_metadata_refuses(reply: str) -> None:
+    # nats-py also parses the other numbers (and a datetime of the timestamp), which
+    # the server writes: a reply where only those are not numbers is refused by
+    # Msg.metadata alone. Otherwise both give the same, or both refuse alike.
+    try:
+        meta = _msg(reply).metadata
+    except NotJSMessageError:
+        with pytest.raises(NotJSMessageError):
+            delivery(_msg(reply))
+        return
+    except (ValueError, OverflowError, OSError):
+        meta = None
+    try:
+        got = delivery(_msg(reply))
+    except ValueError:
+        assert meta is None
+        return
+    if meta is not None:
+        assert got == (meta.sequence.consumer, meta.num_delivered)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "",
+        "$JS.ACK",
+        "$JS.ACK.s.c.1.2.3.4",  # 8 tokens
+        "$JS.ACK.d.h.s.c.1.2.3.4",  # 10 tokens
+        "$JS.NAK.s.c.1.2.3.4.5",
+        "_INBOX.abc.1.2.3.4.5.6.7",
+    ],
+)
+def test_delivery_refuses_a_reply_that_is_not_a_deliverys(reply: str) -> None:
+    with pytest.raises(NotJSMessageError):
+        _msg(reply).metadata  # noqa: B018
+    with pytest.raises(NotJSMessageError):
+        delivery(_msg(reply))
+
+
+def test_delivery_reads_both_forms() -> None:
+    assert delivery(_msg("$JS.ACK.IN.lane-3.2.1001.17.1733100000123456789.40")) == (17, 2)
+    assert delivery(_msg("$JS.ACK._.AH.IN.lane-3.1.1001.18.1733100000123456789.39.r4nd")) == (
+        18,
+        1,
+    )
+    assert delivery(_msg("$JS.ACK.hub.AH.IN.lane-3.5.1001.19.1733100000123456789.38")) == (19, 5)
