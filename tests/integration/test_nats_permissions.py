@@ -11,6 +11,7 @@ command. The server's log must show no permission it was refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
@@ -211,6 +212,31 @@ async def assert_refused(
         await secured_nats.refused(user, kind, subject)
 
 
+@contextlib.asynccontextmanager
+async def restricted_worker(
+    secured_nats: SecuredNats, database_url: str, tmp_path: Path
+) -> AsyncIterator[asyncpg.Connection]:
+    """The worker, running as its restricted user over TLS until the block ends, ready
+    when the block begins; yields a connection to its database."""
+    settings = Settings.from_env(worker_env(secured_nats, tmp_path) | {"HUB_PARTITIONS": "2"})
+    assert settings.nats_urls is not None
+    worker = Worker(settings, database_url, list(settings.nats_urls))
+    stopping = asyncio.Event()
+    running = asyncio.create_task(worker.run(stopping))
+    db = await asyncpg.connect(database_url)
+    try:
+
+        async def ready() -> bool:
+            return await worker.readiness() == READY
+
+        await wait_until(ready, within=30)
+        yield db
+    finally:
+        stopping.set()
+        await asyncio.wait_for(running, timeout=30)
+        await db.close()
+
+
 def event(spoke: str, session: str, **fields: Any) -> bytes:
     body = {
         "eventId": str(uuid4()),
@@ -228,19 +254,7 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
     database_url: str,
     tmp_path: Path,
 ) -> None:
-    settings = Settings.from_env(worker_env(secured_nats, tmp_path) | {"HUB_PARTITIONS": "2"})
-    assert settings.nats_urls is not None
-    worker = Worker(settings, database_url, list(settings.nats_urls))
-    stopping = asyncio.Event()
-    running = asyncio.create_task(worker.run(stopping))
-    db = await asyncpg.connect(database_url)
-    try:
-
-        async def ready() -> bool:
-            return await worker.readiness() == READY
-
-        await wait_until(ready, within=30)
-
+    async with restricted_worker(secured_nats, database_url, tmp_path) as db:
         alerts = await connect("alerts")
         seen: list[str] = []
 
@@ -309,10 +323,6 @@ async def test_worker_works_as_its_restricted_user_and_spokes_keep_to_their_subj
         await wait_until(beta_applied, within=20)
         assert await db.fetchval("SELECT count(*) FROM sessions WHERE id = 'b1'") == 0
         assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0
-    finally:
-        stopping.set()
-        await asyncio.wait_for(running, timeout=30)
-        await db.close()
 
     # The worker did all of that without being refused anything.
     assert secured_nats.violations("hub-worker") == []
@@ -327,12 +337,6 @@ async def test_an_operator_runs_the_commands_as_its_user(
     """`status`, a durable `alerts`, `resolve` and `deadletters replay`, as the
     `operator` user of the shipped file, each do their job with nothing refused;
     what the operator may not do is refused."""
-    settings = Settings.from_env(worker_env(secured_nats, tmp_path) | {"HUB_PARTITIONS": "2"})
-    assert settings.nats_urls is not None
-    worker = Worker(settings, database_url, list(settings.nats_urls))
-    stopping = asyncio.Event()
-    running = asyncio.create_task(worker.run(stopping))
-    db = await asyncpg.connect(database_url)
     alpha = (await connect("spoke-alpha")).jetstream()
     env = operator_env(secured_nats, tmp_path) | {"HUB_DATABASE_URL": database_url}
 
@@ -343,12 +347,7 @@ async def test_an_operator_runs_the_commands_as_its_user(
         assert process.returncode == 0, f"{argv}: {text}"
         return text
 
-    try:
-
-        async def ready() -> bool:
-            return await worker.readiness() == READY
-
-        await wait_until(ready, within=30)
+    async with restricted_worker(secured_nats, database_url, tmp_path) as db:
         await alpha.publish("hub.spoke.alpha.session.o1.spawned", event("alpha", "o1"))
         await alpha.publish(
             "hub.spoke.alpha.session.o1.signal.high_error_count",
@@ -387,10 +386,6 @@ async def test_an_operator_runs_the_commands_as_its_user(
         assert await db.fetchval(
             "SELECT replayed_at IS NOT NULL FROM dead_letters WHERE id = $1", dead_letter
         )
-    finally:
-        stopping.set()
-        await asyncio.wait_for(running, timeout=30)
-        await db.close()
 
     # With no worker running, what a spoke publishes waits: status reads its age.
     await alpha.publish("hub.spoke.alpha.session.o1.completed", event("alpha", "o1"))
