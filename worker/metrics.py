@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from worker import __version__
+from worker.constants import OUTBOX_BACKLOG_COUNTED
 
 # Handling latency of one inbound message, seconds.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -126,7 +127,8 @@ class Metrics:
         )
         self.outbox_backlog = Gauge(
             "hub_worker_outbox_backlog_rows",
-            "Outbound events not yet published (past 10,000, an upper bound from the ids).",
+            f"Outbound events not yet published (past {OUTBOX_BACKLOG_COUNTED:,}, an upper bound"
+            " from the ids).",
             registry=r,
         )
         self.outbox_oldest_age = Gauge(
