@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import ssl
@@ -398,6 +399,16 @@ async def test_an_operator_runs_the_commands_as_its_user(
     await assert_refused(secured_nats, connect, "operator", event("alpha", "o1"))
 
 
+# A refused TLS handshake can leave nats-py's plain-socket StreamWriter (the one it
+# replaced by start_tls) to the garbage collector before asyncio has closed its
+# transport: a ResourceWarning about the client library's socket, not about the hub,
+# and only now and then (CI, stop 18). It is ignored here and nowhere else; the
+# gc.collect() at the end makes any such leak surface inside this test, under this
+# filter, rather than in whichever test happens to run the next collection.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function StreamWriter.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
 async def test_server_refuses_wrong_password_missing_or_foreign_certificate(
     secured_nats: SecuredNats,
 ) -> None:
@@ -425,6 +436,8 @@ async def test_server_refuses_wrong_password_missing_or_foreign_certificate(
         await attempt(**spoke, tls=ssl.create_default_context(cafile=str(secured_nats.ca_file)))
     with pytest.raises((nats.errors.Error, OSError)):
         await attempt(**spoke, tls=secured_nats.stranger_context)
+    await asyncio.sleep(0.1)  # let asyncio close what the refusals left behind
+    gc.collect()
 
 
 def worker_env(secured_nats: SecuredNats, tmp_path: Path) -> dict[str, str]:
