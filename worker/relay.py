@@ -149,6 +149,12 @@ class OutboxRelay:
                     repaired = True
                     continue
                 return False
+            if len(pending) < RELAY_BATCH:
+                # The read saw every row committed before it. A row committed
+                # since wakes the relay again (`wake` or its NOTIFY, both after
+                # the commit, so after `duty` cleared the wake): reading again
+                # now would cost a round trip per cycle to find the outbox empty.
+                return True
 
     async def _publish(self, window: list[db.PendingOutbound]) -> _Outcome:
         """Send a window at once; which rows JetStream acknowledged, refused, or not yet."""

@@ -8,6 +8,7 @@ import json
 
 import asyncpg
 import pytest
+from nats.aio.msg import Msg
 
 from tests.support import Hub, wait_until
 
@@ -71,3 +72,56 @@ async def test_a_lane_waiting_on_a_lock_in_its_turn_holds_up_no_other_lane(hub: 
         "held": "completed",
         **{f"s{n}": "active" for n in range(SESSIONS)},
     }
+
+
+async def test_a_busy_lane_asks_for_what_waits_with_one_pull(hub: Hub) -> None:
+    """A lane whose last fetch brought messages asks once, without waiting, for up to
+    HUB_BATCH_MAX: not a waiting pull for one message and another for the rest."""
+    await hub.start_worker()
+    await _send(hub, "busy", "spawned")
+    await hub.settle()
+    pulls: list[dict[str, object]] = []
+    operator = await asyncpg.connect(hub.database_url)
+    try:
+        async with operator.transaction():
+            await operator.execute("SELECT 1 FROM sessions WHERE id = 'busy' FOR UPDATE")
+            partition = await _send(hub, "busy", "heartbeat")
+
+            async def lane_waits_on_the_lock() -> bool:
+                return bool(
+                    await hub.value(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND application_name LIKE 'hub-worker:%'"
+                    )
+                )
+
+            await wait_until(lane_waits_on_the_lock, within=30, what="the lane to wait")
+            # While the lane is in its transaction, more of its session's events wait.
+            waiting = [await hub.send("sp1", "busy", "heartbeat") for _ in range(5)]
+
+            # Every pull request the lane sends from now on (the JetStream API subject
+            # names the consumer: hub-worker-p<n>).
+            async def noted(msg: Msg) -> None:
+                pulls.append(json.loads(msg.data))
+
+            sub = await hub.nc.subscribe(
+                f"$JS.API.CONSUMER.MSG.NEXT.{hub.settings.events_stream}.hub-worker-p{partition}",
+                cb=noted,
+            )
+            await hub.nc.flush()
+    finally:
+        await operator.close()
+
+    async def applied() -> bool:
+        return bool(
+            await hub.value(
+                "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::uuid[])",
+                [w["eventId"] for w in waiting],
+            )
+            == len(waiting)
+        )
+
+    await wait_until(applied, within=20, what="the waiting events")
+    await sub.unsubscribe()
+    assert pulls, "no pull request seen"
+    assert pulls[0] == {"batch": hub.settings.batch_max, "no_wait": True}, pulls

@@ -22,8 +22,12 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from structlog.testing import capture_logs
 
 from tests.support import Hub, wait_until
+from worker import db
 from worker.app import Worker
-from worker.constants import PUBLISH_ACK_TIMEOUT_SECONDS
+from worker.bus import Bus
+from worker.constants import PUBLISH_ACK_TIMEOUT_SECONDS, RELAY_BATCH
+from worker.metrics import Metrics
+from worker.relay import OutboxRelay
 
 pytestmark = pytest.mark.integration
 
@@ -217,3 +221,42 @@ async def test_readiness_says_when_the_outbound_stream_is_missing(hub: Hub) -> N
     assert metric(worker, "hub_worker_outbound_stream_missing") == 0
     assert [o.subject for o in await hub.outbound()] == [f"{hub.prefix}.mapping.active.second"]
     await asyncio.sleep(0)
+
+
+async def test_the_relay_reads_the_outbox_once_when_the_read_saw_every_row(hub: Hub) -> None:
+    """A read that returned fewer than RELAY_BATCH rows saw every committed row: the
+    relay does not read again to find the outbox empty (a row committed since wakes
+    it). A full read is followed by another."""
+    bus = Bus(hub.nc, hub.settings)
+    await bus.ensure_streams()
+    relay = OutboxRelay(bus, hub.prefix, Metrics())
+    conn = await db.connect(hub.database_url, application_name="tests")
+    reads: list[str] = []
+    conn.add_query_logger(
+        lambda record: (
+            reads.append(record.query) if "FROM outbox ORDER BY id" in record.query else None
+        )
+    )
+    try:
+        subject = f"{hub.prefix}.mapping.completed"
+        for _ in range(3):
+            await insert_outbox(hub, subject, b"{}", "mapping:s1")
+        assert await relay.drain(conn)
+        await asyncio.sleep(0.1)  # asyncpg calls query loggers with call_soon
+        assert len(reads) == 1, reads
+        assert await hub.value("SELECT count(*) FROM outbox") == 0
+        assert relay.published == 3
+
+        reads.clear()
+        await hub.db.execute(
+            "INSERT INTO outbox (event_id, subject, payload, aggregate)"
+            " SELECT gen_random_uuid(), $1, '{}', 'mapping:s' || n FROM generate_series(1, $2) n",
+            subject,
+            RELAY_BATCH + 1,
+        )
+        assert await relay.drain(conn)
+        await asyncio.sleep(0.1)
+        assert len(reads) == 2, len(reads)  # RELAY_BATCH rows, then the one left
+        assert await hub.value("SELECT count(*) FROM outbox") == 0
+    finally:
+        await conn.close()
