@@ -44,6 +44,11 @@ FETCH_READY_TIMEOUT_SECONDS = 1.0
 # a lane holding its turn for long (waiting out a locked database) holds up
 # no other for more than this.
 TURN_WAIT_SECONDS = 0.1
+# A group of several lanes' batches (worker.groups) not committed after this long
+# is cancelled and each lane applies its batch alone: a lane whose sessions are
+# locked holds up the lanes that happened to share its transaction for no
+# longer than this, seconds. Transactions of a group take milliseconds.
+GROUP_ALONE_AFTER_SECONDS = 1.0
 # Time the server waits for an ack before redelivering, seconds.
 ACK_WAIT_SECONDS = 30.0
 # Unacked messages one consumer may have out at once.

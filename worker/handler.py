@@ -49,6 +49,7 @@ from worker.constants import (
 from worker.db import Connection
 from worker.domain import LIFECYCLES, DeadLetterError, DeadLetterReason
 from worker.effects import apply_batch
+from worker.groups import CommitGroups, GroupFailed
 from worker.intake import Intake, decode
 from worker.metrics import Metrics
 from worker.retry import Backoff
@@ -96,6 +97,10 @@ class _Message:
         )
 
 
+# The lanes' batches applied together (worker.groups), as the lanes share them.
+BatchGroups = CommitGroups[Connection, _Message, Handled]
+
+
 class MessageHandler:
     """Handles a lane's batches; `max_payload` is the NATS server's, bytes.
 
@@ -126,6 +131,7 @@ class MessageHandler:
         release: asyncio.Event | None = None,
         *,
         acks_all: bool = False,
+        groups: BatchGroups | None = None,
     ) -> list[Handled]:
         """Handle fetched messages in order; raises LaneLost when the database is gone,
         Released when `release` is set while the database is being waited out.
@@ -134,14 +140,29 @@ class MessageHandler:
         deliveries of it; then an ack of the last one settles what the batch
         applied (each dead letter is terminated first, in order: a `term` under
         that policy also settles what comes before it). A batch redone one by one
-        settles each message after its own commit, as before."""
+        settles each message after its own commit, as before.
+
+        `groups`: the batch may be applied together with other lanes' batches in
+        one transaction (worker.groups); should that group fail, it is applied
+        alone, as without."""
         started = time.perf_counter()
         messages = [self._decode(msg) for msg in msgs]
         waiting = _database_waits(release)
         while True:
             try:
-                outcomes = await self._commit(conn, messages)
+                if groups is None:
+                    outcomes = await self._commit(conn, messages)
+                else:
+                    outcomes = await groups.apply(conn, messages, self._commit)
                 break
+            except GroupFailed as err:
+                log.info(
+                    "batch.group_split",
+                    action="batch.alone",
+                    messages=len(messages),
+                    error=str(err),
+                )
+                groups = None
             except db.TRANSIENT_ERRORS as err:
                 await self._wait_out(conn, messages, err, waiting, started)
             except Exception as err:

@@ -44,6 +44,7 @@ from worker.bus import Bus, PullSubscription
 from worker.connection import NATS_ERRORS
 from worker.constants import (
     FETCH_WAIT_SECONDS,
+    GROUP_ALONE_AFTER_SECONDS,
     LANE_CLAIM_INTERVAL_SECONDS,
     LANE_OWNER_BEAT_SECONDS,
     LANE_OWNER_SILENT_SECONDS,
@@ -53,7 +54,8 @@ from worker.constants import (
     REPAIR_AFTER_FAILURES,
     TURN_WAIT_SECONDS,
 )
-from worker.handler import LaneLost, MessageHandler
+from worker.groups import CommitGroups
+from worker.handler import BatchGroups, LaneLost, MessageHandler
 from worker.leadership import close_quietly
 from worker.locks import MEMBER_KEY_BASE
 from worker.metrics import Metrics
@@ -205,8 +207,12 @@ class LaneManager:
         self.owned: dict[int, _Owned] = {}
         self.metrics = metrics
         self.batch_max = batch_max
-        # Batch transactions of this worker's lanes at once (0: no limit).
+        # Batch transactions of this worker's lanes at once (0: no limit), each
+        # applying the batches of the lanes that arrived together (worker.groups).
         self.turnstile = Turnstile(turns)
+        self.groups: BatchGroups = CommitGroups(
+            self.turnstile, batch_max, GROUP_ALONE_AFTER_SECONDS
+        )
         self.handled = 0
         # Tags every connection of this manager (application_name), so that a peer
         # can end them all should this worker stop beating.
@@ -215,7 +221,7 @@ class LaneManager:
     def __repr__(self) -> str:
         return (
             f"<LaneManager {self.worker_id} owned={sorted(self.owned)} handled={self.handled}"
-            f" {self.turnstile!r}>"
+            f" {self.turnstile!r} {self.groups!r}>"
         )
 
     def application_name(self, role: str) -> str:
@@ -416,9 +422,7 @@ class LaneManager:
                     # gone, so is the lane. Fetch nothing more from its consumer.
                     raise LaneLost("the lane's database connection is closed")
                 try:
-                    batch, held = await _fetch(
-                        subscription, self.batch_max, self.turnstile, busy=busy
-                    )
+                    batch = await _fetch(subscription, self.batch_max, busy=busy)
                 except TimeoutError:
                     busy = False
                     continue
@@ -439,37 +443,37 @@ class LaneManager:
                         # bind afresh.
                         subscription = await self._repair(lane, subscription)
                     continue
+                busy = True
+                fetching.succeeded()
+                deliveries = [delivery(m).consumer_sequence for m in batch]
+                expected = deliveries[0] if next_delivery is None else next_delivery
+                if deliveries != list(range(expected, expected + len(batch))):
+                    log.warning(
+                        "lane.delivery_gap",
+                        action="lane.rewind",
+                        lane=lane.durable,
+                        expected=expected,
+                        got=deliveries[:3],
+                    )
+                    await _give_back(batch)
+                    position = await self.bus.take_over(lane)
+                    next_delivery = position.next_delivery
+                    subscription = await _rebind(self.bus, lane, subscription)
+                    continue
+                next_delivery = deliveries[-1] + 1
+                self.metrics.batch_size.observe(len(batch))
                 try:
-                    busy = True
-                    fetching.succeeded()
-                    deliveries = [delivery(m).consumer_sequence for m in batch]
-                    expected = deliveries[0] if next_delivery is None else next_delivery
-                    if deliveries != list(range(expected, expected + len(batch))):
-                        log.warning(
-                            "lane.delivery_gap",
-                            action="lane.rewind",
-                            lane=lane.durable,
-                            expected=expected,
-                            got=deliveries[:3],
-                        )
-                        await _give_back(batch)
-                        position = await self.bus.take_over(lane)
-                        next_delivery = position.next_delivery
-                        subscription = await _rebind(self.bus, lane, subscription)
-                        continue
-                    next_delivery = deliveries[-1] + 1
-                    self.metrics.batch_size.observe(len(batch))
-                    try:
-                        await self.handler.handle_batch(
-                            conn, batch, owned.release, acks_all=position.acks_all
-                        )
-                    except LaneLost:
-                        await _give_back(batch)
-                        raise
-                    self.handled += len(batch)
-                finally:
-                    if held:
-                        self.turnstile.release()
+                    await self.handler.handle_batch(
+                        conn,
+                        batch,
+                        owned.release,
+                        acks_all=position.acks_all,
+                        groups=self.groups,
+                    )
+                except LaneLost:
+                    await _give_back(batch)
+                    raise
+                self.handled += len(batch)
             await subscription.unsubscribe()
         except _LANE_ENDING_ERRORS as err:
             log.warning("lane.lost", action="lane.lost", lane=lane.durable, error=str(err))
@@ -487,43 +491,25 @@ class LaneManager:
             log.info("lane.released", action="lane.release", lane=lane.durable)
 
 
-async def _fetch(
-    subscription: PullSubscription, batch_max: int, turnstile: Turnstile, *, busy: bool
-) -> tuple[list[Msg], bool]:
-    """Wait for the next message and for a turn, then take whatever else is already
-    there; returns the batch and whether a turn is held (the caller releases it).
+async def _fetch(subscription: PullSubscription, batch_max: int, *, busy: bool) -> list[Msg]:
+    """Wait for the next message, then take whatever else is already there.
 
     A single fetch of `batch_max` would hold the first message back until the
     batch is full or the fetch expires: fine for a backlog, a second of
-    latency for a trickle. A trickle waits for nothing but its turn: a batch is
-    what came while the lane was busy with the previous one or waiting for
-    its turn. A `busy` lane (its last fetch brought messages) almost always
-    finds more waiting when its turn comes: it asks for them at once, with one
-    no-wait pull instead of a waiting pull for the first and another for the
-    rest, and waits only when that finds none.
+    latency for a trickle. A trickle waits for nothing: a batch is what came
+    while the lane was busy with the previous one. A `busy` lane (its last
+    fetch brought messages) almost always finds more waiting: it asks for
+    them at once, with one no-wait pull instead of a waiting pull for the
+    first and another for the rest, and waits only when that finds none.
+    The turn of the transaction is taken afterwards, by the batch's group
+    (worker.groups), which other lanes join while it waits.
     """
-    if busy:
-        held = await turnstile.acquire()
-        try:
-            batch = await Bus.take_ready(subscription, batch_max)
-        except BaseException:
-            if held:
-                turnstile.release()
-            raise
-        if batch:
-            return batch, held
-        if held:
-            turnstile.release()
+    if busy and (batch := await Bus.take_ready(subscription, batch_max)):
+        return batch
     first = await subscription.fetch(1, timeout=FETCH_WAIT_SECONDS)
-    held = await turnstile.acquire()
     if batch_max == 1:
-        return first, held
-    try:
-        return first + await Bus.take_ready(subscription, batch_max - 1), held
-    except BaseException:
-        if held:
-            turnstile.release()
-        raise
+        return first
+    return first + await Bus.take_ready(subscription, batch_max - 1)
 
 
 async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscription:

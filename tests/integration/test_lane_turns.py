@@ -4,6 +4,7 @@ with the turns the hub applies everything, in order, as without them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import asyncpg
@@ -125,3 +126,73 @@ async def test_a_busy_lane_asks_for_what_waits_with_one_pull(hub: Hub) -> None:
     await sub.unsubscribe()
     assert pulls, "no pull request seen"
     assert pulls[0] == {"batch": hub.settings.batch_max, "no_wait": True}, pulls
+
+
+async def test_lanes_sharing_a_transaction_with_a_locked_session_go_alone_after_a_while(
+    hub: Hub,
+) -> None:
+    """Lanes whose batches arrive together share a transaction (worker.groups). When
+    one of them waits on a lock, the group is split after GROUP_ALONE_AFTER_SECONDS
+    and the others apply theirs alone, while the lock is still held."""
+    worker = await hub.start_worker(lane_turns=1)
+    for session in ("held", "held2"):
+        await _send(hub, session, "spawned")
+    await hub.settle()
+    operator = await asyncpg.connect(hub.database_url)
+    try:
+        async with operator.transaction():
+            # `held` keeps the only turn (its lane waits on the lock), so the batches
+            # that come next form one group while its leader waits for a turn; the
+            # group holds `held2`, locked too.
+            await operator.execute(
+                "SELECT 1 FROM sessions WHERE id IN ('held', 'held2') FOR UPDATE"
+            )
+            held_partition = await _send(hub, "held", "completed")
+
+            async def lane_waits_on_the_lock() -> bool:
+                return bool(
+                    await hub.value(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND application_name LIKE 'hub-worker:%'"
+                    )
+                )
+
+            await wait_until(lane_waits_on_the_lock, within=30, what="the lane to wait")
+            sends = [_send(hub, "held2", "completed")]
+            sends += [_send(hub, f"s{n}", "spawned") for n in range(SESSIONS)]
+            partitions = await asyncio.gather(*sends)
+            others = {f"s{n}": p for n, p in enumerate(partitions[1:])}
+            elsewhere = sorted(
+                s for s, p in others.items() if p not in (held_partition, partitions[0])
+            )
+            assert elsewhere, "every session in a held lane: pick more sessions"
+
+            async def the_other_lanes_applied_theirs() -> bool:
+                applied = await hub.value(
+                    "SELECT count(*) FROM sessions WHERE id = ANY($1::text[])", elsewhere
+                )
+                return bool(applied == len(elsewhere))
+
+            await wait_until(
+                the_other_lanes_applied_theirs, within=20, what="the other lanes' sessions"
+            )
+            assert (
+                await hub.value(
+                    "SELECT count(*) FROM sessions WHERE id IN ('held', 'held2')"
+                    " AND status = 'completed'"
+                )
+                == 0
+            )
+    finally:
+        await operator.close()
+    await hub.settle()
+    statuses = await hub.rows("SELECT id, status FROM sessions ORDER BY id")
+    assert {r["id"]: r["status"] for r in statuses} == {
+        "held": "completed",
+        "held2": "completed",
+        **{f"s{n}": "active" for n in range(SESSIONS)},
+    }
+    if hub.settings.batch_max > 1:
+        groups = worker.lane_manager.groups
+        assert groups.grouped >= 1, groups
+        assert groups.split >= 1, groups
