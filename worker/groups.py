@@ -144,7 +144,10 @@ class CommitGroups(Generic[C, M, H]):
             raise GroupFailed(reason) from err
         at = len(own)
         for member in group.members:
-            member.done.set_result(outcomes[at : at + len(member.messages)])
+            # A member cancelled meanwhile (its worker stopping) does not settle its
+            # messages: redelivered, the ledger finds them applied.
+            if not member.done.done():
+                member.done.set_result(outcomes[at : at + len(member.messages)])
             at += len(member.messages)
         return outcomes[: len(own)]
 

@@ -107,14 +107,14 @@ class Turnstile:
     At a steady rate every lane would otherwise apply what arrived during its
     previous batch, a few events, in a transaction of its own, all lanes at
     once, each paying its ~14 statements and commit whatever its size, and all
-    of them competing for the same cores (docs/performance.md). A lane that
-    waited for its turn takes what arrived meanwhile (`_fetch`): fewer, larger
-    transactions, each one quicker. The wait is bounded (`wait_seconds`): a
-    lane that keeps its turn for long (waiting out a locked database, retrying
-    one message at a time) holds the others up for no longer than that, after
-    which they go without a turn; so no message waits anywhere near its ack
-    wait, and nothing can deadlock on a turn. Turns are handed over in arrival
-    order. `turns` 0: no limit.
+    of them competing for the same cores (docs/performance.md). A turn is taken
+    by the leader of a group of batches (worker.groups), which the lanes
+    arriving while it waits join: fewer, larger transactions, each one quicker.
+    The wait is bounded (`wait_seconds`): a transaction that keeps its turn for
+    long (waiting out a locked database) holds the others up for no longer than
+    that, after which they go without a turn; so no message waits anywhere near
+    its ack wait, and nothing can deadlock on a turn. Turns are handed over in
+    arrival order. `turns` 0: no limit.
     """
 
     def __init__(self, turns: int, wait_seconds: float | None = None) -> None:

@@ -145,3 +145,21 @@ async def test_a_leader_cancelled_before_its_turn_fails_its_members_and_leads_no
     # The next batch leads a group of its own rather than joining the dead one.
     assert await asyncio.wait_for(g.apply("c", ["c1"], database.commit), 5) == ["c1@c"]
     assert database.commits == [["c1"]]
+
+
+async def test_a_member_cancelled_while_its_group_commits_leaves_the_others_their_outcomes() -> (
+    None
+):
+    turnstile = Turnstile(1, wait_seconds=NEVER)
+    database, g = Database(), groups(turnstile)
+    assert await turnstile.acquire()
+    leader = asyncio.create_task(g.apply("a", ["a1"], database.commit))
+    await asyncio.sleep(0)
+    gone = asyncio.create_task(g.apply("b", ["b1"], database.commit))
+    stays = asyncio.create_task(g.apply("c", ["c1"], database.commit))
+    await asyncio.sleep(0)
+    gone.cancel()
+    turnstile.release()
+    assert await asyncio.wait_for(leader, 5) == ["a1@a"]
+    assert await asyncio.wait_for(stays, 5) == ["c1@a"]
+    assert database.commits == [["a1", "b1", "c1"]]
