@@ -27,8 +27,13 @@ applies its own batch alone, as without groups; and a group that has not
 committed after `alone_after` seconds (one member's sessions locked by someone
 else, a statement waiting out a lock) is cancelled and split the same way, so
 that a lane waiting on a lock holds up its group mates for no longer than that.
-A group holds at most `most` messages: in a drain every lane's batch is full
-and each goes alone, and with HUB_BATCH_MAX=1 there are no groups at all.
+A group holds at most `most` messages. A batch that is full by itself (a
+drain; every batch with HUB_BATCH_MAX=1) goes alone and only waits for a turn.
+The others go in groups one group at a time (`one_group`, a turn of its own,
+as bounded as the rest): while a group commits, the next one forms, so at a
+steady rate a message waits for at most the transaction before its own,
+while full batches still overlap with each other, which is what keeps a
+drain's cores busy (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ H = TypeVar("H")  # what became of it
 
 
 class Turns(Protocol):
-    """worker.lanes.Turnstile: a bounded wait for one of a few turns."""
+    """worker.lanes.Turnstile: a bounded wait for one of a few turns (False: none came)."""
 
     async def acquire(self) -> bool: ...
 
@@ -70,8 +75,9 @@ class _Group(Generic[M, H]):
 class CommitGroups(Generic[C, M, H]):
     """Forms groups of lane batches and applies each group in one transaction."""
 
-    def __init__(self, turns: Turns, most: int, alone_after: float) -> None:
+    def __init__(self, turns: Turns, one_group: Turns, most: int, alone_after: float) -> None:
         self.turns = turns
+        self.one_group = one_group
         self.most = most
         self.alone_after = alone_after
         # The group whose leader waits for a turn: lanes arriving now join it.
@@ -92,6 +98,13 @@ class CommitGroups(Generic[C, M, H]):
 
         Raises GroupFailed when applied in a group that did not commit; otherwise
         what `commit` returns or raises for these messages alone."""
+        if len(messages) >= self.most:
+            held = await self.turns.acquire()
+            try:
+                return await commit(conn, messages)
+            finally:
+                if held:
+                    self.turns.release()
         forming = self._forming
         if forming is not None and forming.size + len(messages) <= self.most:
             member: _Member[M, H] = _Member(messages, asyncio.get_running_loop().create_future())
@@ -100,11 +113,14 @@ class CommitGroups(Generic[C, M, H]):
             return await member.done
         group: _Group[M, H] = _Group(size=len(messages))
         self._forming = group
+        grouped = held = False
         try:
+            grouped = await self.one_group.acquire()
             held = await self.turns.acquire()
         except BaseException:
             self._close(group)
             _fail(group.members, "the group's leader was cancelled")
+            self._release(grouped, held)
             raise
         try:
             self._close(group)
@@ -112,8 +128,13 @@ class CommitGroups(Generic[C, M, H]):
                 return await commit(conn, messages)
             return await self._commit_together(conn, messages, group, commit)
         finally:
-            if held:
-                self.turns.release()
+            self._release(grouped, held)
+
+    def _release(self, grouped: bool, held: bool) -> None:
+        if held:
+            self.turns.release()
+        if grouped:
+            self.one_group.release()
 
     def _close(self, group: _Group[M, H]) -> None:
         if self._forming is group:

@@ -37,7 +37,7 @@ class Database:
 def groups(
     turnstile: Turnstile, most: int = 10, alone_after: float = NEVER
 ) -> CommitGroups[str, str, str]:
-    return CommitGroups(turnstile, most, alone_after)
+    return CommitGroups(turnstile, Turnstile(1, wait_seconds=NEVER), most, alone_after)
 
 
 async def test_a_lone_batch_commits_alone_on_its_own_connection() -> None:
@@ -163,3 +163,33 @@ async def test_a_member_cancelled_while_its_group_commits_leaves_the_others_thei
     assert await asyncio.wait_for(leader, 5) == ["a1@a"]
     assert await asyncio.wait_for(stays, 5) == ["c1@a"]
     assert database.commits == [["a1", "b1", "c1"]]
+
+
+async def test_one_group_commits_at_a_time_the_next_forms_meanwhile_and_full_batches_overlap() -> (
+    None
+):
+    turnstile = Turnstile(2, wait_seconds=NEVER)
+    g = groups(turnstile, most=2)
+    gate = asyncio.Event()
+    commits: list[list[str]] = []
+
+    async def commit(conn: str, messages: list[str]) -> list[str]:
+        commits.append(list(messages))
+        if messages == ["a1"]:
+            await gate.wait()  # the first group's transaction takes a while
+        return messages
+
+    first = asyncio.create_task(g.apply("a", ["a1"], commit))
+    await asyncio.sleep(0)
+    assert commits == [["a1"]]
+    # A second turn is free, but partial batches wait for the group before theirs,
+    # forming the next group meanwhile; a full batch only needs a turn.
+    b = asyncio.create_task(g.apply("b", ["b1"], commit))
+    await asyncio.sleep(0)
+    c = asyncio.create_task(g.apply("c", ["c1"], commit))
+    full = asyncio.create_task(g.apply("d", ["d1", "d2"], commit))
+    await asyncio.wait_for(full, 5)
+    assert commits == [["a1"], ["d1", "d2"]]
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, b, c), 5)
+    assert commits == [["a1"], ["d1", "d2"], ["b1", "c1"]]
