@@ -75,8 +75,17 @@ class _Group(Generic[M, H]):
 class CommitGroups(Generic[C, M, H]):
     """Forms groups of lane batches and applies each group in one transaction."""
 
-    def __init__(self, turns: Turns, one_group: Turns, most: int, alone_after: float) -> None:
+    def __init__(
+        self,
+        turns: Turns,
+        one_group: Turns,
+        most: int,
+        alone_after: float,
+        observe: Callable[[str], None] | None = None,
+    ) -> None:
         self.turns = turns
+        # Told the outcome of every group of several batches: "committed" or "split".
+        self.observe = observe
         self.one_group = one_group
         self.most = most
         self.alone_after = alone_after
@@ -154,6 +163,8 @@ class CommitGroups(Generic[C, M, H]):
                 outcomes = await commit(conn, everything)
         except BaseException as err:
             self.split += 1
+            if self.observe is not None:
+                self.observe("split")
             reason = (
                 f"not committed within {self.alone_after} s"
                 if isinstance(err, TimeoutError)
@@ -163,6 +174,8 @@ class CommitGroups(Generic[C, M, H]):
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise GroupFailed(reason) from err
+        if self.observe is not None:
+            self.observe("committed")
         at = len(own)
         for member in group.members:
             # A member cancelled meanwhile (its worker stopping) does not settle its

@@ -211,7 +211,11 @@ class LaneManager:
         # applying the batches of the lanes that arrived together (worker.groups).
         self.turnstile = Turnstile(turns)
         self.groups: BatchGroups = CommitGroups(
-            self.turnstile, Turnstile(1 if turns else 0), batch_max, GROUP_ALONE_AFTER_SECONDS
+            self.turnstile,
+            Turnstile(1 if turns else 0),
+            batch_max,
+            GROUP_ALONE_AFTER_SECONDS,
+            observe=lambda outcome: metrics.batch_groups.labels(outcome).inc(),
         )
         self.handled = 0
         # Tags every connection of this manager (application_name), so that a peer

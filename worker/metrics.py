@@ -72,6 +72,14 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_groups = Counter(
+            "hub_worker_batch_groups",
+            "Transactions that applied the batches of several lanes together (group commit), "
+            "by outcome: committed, or split (failed, or not committed within "
+            "GROUP_ALONE_AFTER_SECONDS: each lane then applied its batch alone).",
+            ["outcome"],
+            registry=r,
+        )
         self.redeliveries = Counter(
             "hub_worker_redeliveries",
             "Inbound messages received more than once from JetStream.",

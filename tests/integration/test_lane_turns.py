@@ -196,3 +196,7 @@ async def test_lanes_sharing_a_transaction_with_a_locked_session_go_alone_after_
         groups = worker.lane_manager.groups
         assert groups.grouped >= 1, groups
         assert groups.split >= 1, groups
+        split = worker.metrics.registry.get_sample_value(
+            "hub_worker_batch_groups_total", {"outcome": "split"}
+        )
+        assert split == groups.split, groups

@@ -34,10 +34,16 @@ class Database:
         return [f"{m}@{conn}" for m in messages]
 
 
+OBSERVED: list[str] = []
+
+
 def groups(
     turnstile: Turnstile, most: int = 10, alone_after: float = NEVER
 ) -> CommitGroups[str, str, str]:
-    return CommitGroups(turnstile, Turnstile(1, wait_seconds=NEVER), most, alone_after)
+    OBSERVED.clear()
+    return CommitGroups(
+        turnstile, Turnstile(1, wait_seconds=NEVER), most, alone_after, observe=OBSERVED.append
+    )
 
 
 async def test_a_lone_batch_commits_alone_on_its_own_connection() -> None:
@@ -63,6 +69,7 @@ async def test_batches_arriving_while_the_leader_waits_for_its_turn_commit_with_
     assert database.commits == [["a1", "b1", "b2", "c1"]]
     assert list(results) == [["a1@a"], ["b1@a", "b2@a"], ["c1@a"]]
     assert g.grouped == 1
+    assert OBSERVED == ["committed"]
     # The turn went back: the next batch does not wait.
     assert await asyncio.wait_for(g.apply("d", ["d1"], database.commit), 5) == ["d1@d"]
 
@@ -96,6 +103,7 @@ async def test_a_group_that_fails_fails_as_group_failed_for_every_member() -> No
     assert [type(o) for o in outcomes] == [GroupFailed, GroupFailed]
     assert "poisoned" in str(outcomes[1])
     assert g.split == 1
+    assert OBSERVED == ["split"]
     # Alone, the same error is the batch's own, as without groups.
     with pytest.raises(RuntimeError, match="poisoned"):
         await g.apply("a", ["a1"], database.commit)
