@@ -30,6 +30,20 @@ async def _send(hub: Hub, session: str, what: str) -> str:
     return stored.subject.split(".")[2]  # <prefix>.part.<n>.spoke...
 
 
+async def _a_lane_waits_on_a_lock(hub: Hub) -> None:
+    """Until one of the worker's connections waits on a row lock (the operator's)."""
+
+    async def waiting() -> bool:
+        return bool(
+            await hub.value(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND application_name LIKE 'hub-worker:%'"
+            )
+        )
+
+    await wait_until(waiting, within=30, what="the lane to wait")
+
+
 async def test_a_lane_waiting_on_a_lock_in_its_turn_holds_up_no_other_lane(hub: Hub) -> None:
     await hub.start_worker(lane_turns=1)
     await _send(hub, "held", "spawned")
@@ -39,16 +53,7 @@ async def test_a_lane_waiting_on_a_lock_in_its_turn_holds_up_no_other_lane(hub: 
         async with operator.transaction():
             await operator.execute("SELECT 1 FROM sessions WHERE id = 'held' FOR UPDATE")
             held_partition = await _send(hub, "held", "completed")
-
-            async def lane_waits_on_the_lock() -> bool:
-                return bool(
-                    await hub.value(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND application_name LIKE 'hub-worker:%'"
-                    )
-                )
-
-            await wait_until(lane_waits_on_the_lock, within=30, what="the lane to wait")
+            await _a_lane_waits_on_a_lock(hub)
             partitions = {f"s{n}": await _send(hub, f"s{n}", "spawned") for n in range(SESSIONS)}
             elsewhere = sorted(s for s, p in partitions.items() if p != held_partition)
             assert elsewhere, "every session in the held lane: pick more sessions"
@@ -87,16 +92,7 @@ async def test_a_busy_lane_asks_for_what_waits_with_one_pull(hub: Hub) -> None:
         async with operator.transaction():
             await operator.execute("SELECT 1 FROM sessions WHERE id = 'busy' FOR UPDATE")
             partition = await _send(hub, "busy", "heartbeat")
-
-            async def lane_waits_on_the_lock() -> bool:
-                return bool(
-                    await hub.value(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND application_name LIKE 'hub-worker:%'"
-                    )
-                )
-
-            await wait_until(lane_waits_on_the_lock, within=30, what="the lane to wait")
+            await _a_lane_waits_on_a_lock(hub)
             # While the lane is in its transaction, more of its session's events wait.
             waiting = [await hub.send("sp1", "busy", "heartbeat") for _ in range(5)]
 
@@ -148,16 +144,7 @@ async def test_lanes_sharing_a_transaction_with_a_locked_session_go_alone_after_
                 "SELECT 1 FROM sessions WHERE id IN ('held', 'held2') FOR UPDATE"
             )
             held_partition = await _send(hub, "held", "completed")
-
-            async def lane_waits_on_the_lock() -> bool:
-                return bool(
-                    await hub.value(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND application_name LIKE 'hub-worker:%'"
-                    )
-                )
-
-            await wait_until(lane_waits_on_the_lock, within=30, what="the lane to wait")
+            await _a_lane_waits_on_a_lock(hub)
             sends = [_send(hub, "held2", "completed")]
             sends += [_send(hub, f"s{n}", "spawned") for n in range(SESSIONS)]
             partitions = await asyncio.gather(*sends)

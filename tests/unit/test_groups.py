@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -46,6 +47,20 @@ def groups(
     )
 
 
+async def arriving(
+    g: CommitGroups[str, str, str],
+    commit: Callable[[str, list[str]], Awaitable[list[str]]],
+    **batches: list[str],
+) -> list[asyncio.Task[list[str]]]:
+    """Each lane's batch (keyed by its connection) handed to `g` in this order, each
+    lane on its way before the next arrives; their tasks."""
+    lanes = []
+    for conn, messages in batches.items():
+        lanes.append(asyncio.create_task(g.apply(conn, messages, commit)))
+        await asyncio.sleep(0)
+    return lanes
+
+
 async def test_a_lone_batch_commits_alone_on_its_own_connection() -> None:
     database, g = Database(), groups(Turnstile(1, wait_seconds=NEVER))
     assert await g.apply("a", ["a1", "a2"], database.commit) == ["a1@a", "a2@a"]
@@ -57,11 +72,7 @@ async def test_batches_arriving_while_the_leader_waits_for_its_turn_commit_with_
     turnstile = Turnstile(1, wait_seconds=NEVER)
     database, g = Database(), groups(turnstile)
     assert await turnstile.acquire()  # another group's transaction is running
-    leader = asyncio.create_task(g.apply("a", ["a1"], database.commit))
-    await asyncio.sleep(0)
-    b = asyncio.create_task(g.apply("b", ["b1", "b2"], database.commit))
-    c = asyncio.create_task(g.apply("c", ["c1"], database.commit))
-    await asyncio.sleep(0)
+    leader, b, c = await arriving(g, database.commit, a=["a1"], b=["b1", "b2"], c=["c1"])
     assert database.commits == []
     turnstile.release()
     results = await asyncio.wait_for(asyncio.gather(leader, b, c), 5)
@@ -79,10 +90,7 @@ async def test_a_batch_that_would_make_the_group_too_big_leads_a_group_of_its_ow
     database, g = Database(), groups(turnstile, most=3)
     assert await turnstile.acquire()
     assert await turnstile.acquire()
-    first = asyncio.create_task(g.apply("a", ["a1", "a2"], database.commit))
-    await asyncio.sleep(0)
-    big = asyncio.create_task(g.apply("b", ["b1", "b2"], database.commit))
-    await asyncio.sleep(0)
+    first, big = await arriving(g, database.commit, a=["a1", "a2"], b=["b1", "b2"])
     turnstile.release()
     turnstile.release()
     await asyncio.wait_for(asyncio.gather(first, big), 5)
@@ -94,10 +102,7 @@ async def test_a_group_that_fails_fails_as_group_failed_for_every_member() -> No
     database, g = Database(), groups(turnstile)
     database.failing = RuntimeError("a poisoned event of lane b")
     assert await turnstile.acquire()
-    leader = asyncio.create_task(g.apply("a", ["a1"], database.commit))
-    await asyncio.sleep(0)
-    member = asyncio.create_task(g.apply("b", ["b1"], database.commit))
-    await asyncio.sleep(0)
+    leader, member = await arriving(g, database.commit, a=["a1"], b=["b1"])
     turnstile.release()
     outcomes = await asyncio.wait_for(asyncio.gather(leader, member, return_exceptions=True), 5)
     assert [type(o) for o in outcomes] == [GroupFailed, GroupFailed]
@@ -114,10 +119,7 @@ async def test_a_group_not_committed_in_time_is_cancelled_and_split() -> None:
     database, g = Database(), groups(turnstile, alone_after=0.05)
     database.hang = True  # one member's sessions are locked by someone else
     assert await turnstile.acquire()
-    leader = asyncio.create_task(g.apply("a", ["a1"], database.commit))
-    await asyncio.sleep(0)
-    member = asyncio.create_task(g.apply("b", ["b1"], database.commit))
-    await asyncio.sleep(0)
+    leader, member = await arriving(g, database.commit, a=["a1"], b=["b1"])
     turnstile.release()
     outcomes = await asyncio.wait_for(asyncio.gather(leader, member, return_exceptions=True), 5)
     assert [type(o) for o in outcomes] == [GroupFailed, GroupFailed]
@@ -141,10 +143,7 @@ async def test_a_leader_cancelled_before_its_turn_fails_its_members_and_leads_no
     turnstile = Turnstile(1, wait_seconds=NEVER)
     database, g = Database(), groups(turnstile)
     assert await turnstile.acquire()
-    leader = asyncio.create_task(g.apply("a", ["a1"], database.commit))
-    await asyncio.sleep(0)
-    member = asyncio.create_task(g.apply("b", ["b1"], database.commit))
-    await asyncio.sleep(0)
+    leader, member = await arriving(g, database.commit, a=["a1"], b=["b1"])
     leader.cancel()
     outcomes = await asyncio.gather(leader, member, return_exceptions=True)
     assert isinstance(outcomes[0], asyncio.CancelledError)
@@ -161,11 +160,7 @@ async def test_a_member_cancelled_while_its_group_commits_leaves_the_others_thei
     turnstile = Turnstile(1, wait_seconds=NEVER)
     database, g = Database(), groups(turnstile)
     assert await turnstile.acquire()
-    leader = asyncio.create_task(g.apply("a", ["a1"], database.commit))
-    await asyncio.sleep(0)
-    gone = asyncio.create_task(g.apply("b", ["b1"], database.commit))
-    stays = asyncio.create_task(g.apply("c", ["c1"], database.commit))
-    await asyncio.sleep(0)
+    leader, gone, stays = await arriving(g, database.commit, a=["a1"], b=["b1"], c=["c1"])
     gone.cancel()
     turnstile.release()
     assert await asyncio.wait_for(leader, 5) == ["a1@a"]
