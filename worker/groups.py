@@ -84,11 +84,11 @@ class CommitGroups(Generic[C, M, H]):
         observe: Callable[[str], None] | None = None,
     ) -> None:
         self.turns = turns
-        # Told the outcome of every group of several batches: "committed" or "split".
-        self.observe = observe
         self.one_group = one_group
         self.most = most
         self.alone_after = alone_after
+        # Told the outcome of every group of several batches: "committed" or "split".
+        self.observe = observe
         # The group whose leader waits for a turn: lanes arriving now join it.
         self._forming: _Group[M, H] | None = None
         self.grouped = 0  # groups of more than one batch, applied together
