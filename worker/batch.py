@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from worker import outbound
 from worker.domain import (
@@ -29,6 +29,7 @@ from worker.domain import (
     signal_change,
 )
 from worker.events import EndedEvent, SignalEvent, SpawnedEvent
+from worker.ids import new_uuid4
 from worker.intake import Intake
 from worker.outbound import OutboxRow
 
@@ -201,7 +202,7 @@ def _apply(prefix: str, intake: Intake, snap: Snapshot, plan: Plan, seen: set[UU
         if mapping is None:
             # A terminal event may have overtaken spawned; the mapping is then born terminal.
             mapping = MappingRow(
-                id=str(uuid4()),
+                id=str(new_uuid4()),
                 session_id=session.id,
                 spoke_id=event.spoke_id,
                 workspace_id=event.workspace_id,
@@ -308,7 +309,7 @@ def _signal(prefix: str, event: SignalEvent, kind: str, snap: Snapshot, plan: Pl
             plan.publish_detection(prefix, "repeated", resolved, causation)
             return "late"
         opened = DetectionRow(
-            id=str(uuid4()),
+            id=str(new_uuid4()),
             session_id=event.session_id,
             anomaly_type=anomaly_type,
             severity=event.severity,

@@ -23,6 +23,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
+from pydantic_core import from_json
 
 from worker.batch import DetectionRow, MappingRow, Plan, SessionRow, Snapshot
 from worker.constants import (
@@ -276,8 +277,11 @@ def queries() -> Queries:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Decoded with pydantic-core's parser, a quarter of json.loads' time: every batch
+    # reads the details of its keys' detections. What PostgreSQL writes for jsonb is
+    # plain JSON (no NaN, no duplicate keys), read alike by both.
     await conn.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+        "jsonb", encoder=json.dumps, decoder=from_json, schema="pg_catalog", format="text"
     )
 
 

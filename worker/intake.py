@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 from pydantic import ValidationError
 
@@ -117,8 +117,8 @@ def _overflows(event: InboundEvent) -> bool:
     """Whether a known value holds a number that overflowed to infinity (1e400): both
     parsers read it so, and `_checked_event` refuses it (`_unstorable`). Looked for
     in the event rather than the body, where an exponent's digits look like those of
-    a hexadecimal id."""
-    pending: list[object] = list(event.__dict__.values())
+    a hexadecimal id; and only in the fields that may hold a float."""
+    pending: list[object] = [getattr(event, name) for name in _fields_with_floats(type(event))]
     while pending:
         value = pending.pop()
         if isinstance(value, float) and math.isinf(value):
@@ -168,6 +168,21 @@ def _model_for(route: Route) -> type[InboundEvent]:
     if route.lifecycle is None:
         return SignalEvent
     return lifecycle_model(route.lifecycle)
+
+
+@cache
+def _fields_with_floats(model: type[InboundEvent]) -> tuple[str, ...]:
+    """The fields whose type lets them hold a float: free-form JSON (`metadata`,
+    `details`) today. An id, a timestamp or a severity is never one."""
+    return tuple(
+        name for name, field in model.model_fields.items() if _may_hold_float(field.annotation)
+    )
+
+
+def _may_hold_float(annotation: object) -> bool:
+    if annotation is Any or annotation is float:
+        return True
+    return any(_may_hold_float(arg) for arg in get_args(annotation))
 
 
 @cache

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from pydantic import BaseModel
 from pydantic_core import SchemaSerializer, core_schema
@@ -20,6 +20,7 @@ from worker.events import (
     MappingEvent,
     OutboundEvent,
 )
+from worker.ids import new_uuid4
 from worker.subjects import deadletter_subject, detection_subject, mapping_subject
 
 
@@ -104,7 +105,7 @@ def detection_changed(
     `detection` holds `DetectionState`'s fields by name and in its order, as committed
     (a `batch.DetectionRow`'s `vars()`, or `dict()` of a `DetectionState`).
     """
-    event_id = uuid4()
+    event_id = new_uuid4()
     if change == "escalated":
         assert previous_severity is not None
         payload = _DETECTION_ESCALATED_EVENT.to_json(
@@ -140,7 +141,7 @@ def mapping_changed(
     (a `batch.MappingRow`'s `vars()`, whose `metadata` is not written; or `dict()` of
     a `MappingState`).
     """
-    event_id = uuid4()
+    event_id = new_uuid4()
     payload = _MAPPING_EVENT.to_json(
         {
             "event_id": event_id,
@@ -173,7 +174,7 @@ def dead_lettered(
     A body longer than `announced_bytes` is cut to that length
     (`payloadTruncated`); the stored row keeps all of it.
     """
-    event_id = uuid4()
+    event_id = new_uuid4()
     body = DeadLetterEvent(
         event_id=event_id,
         occurred_at=occurred_at,

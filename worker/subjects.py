@@ -17,6 +17,7 @@ _KIND_RE = re.compile(KIND_PATTERN)
 # so that the consumer of `P.spoke.>` sees only what the transform left alone.
 PARTITION_TOKEN = "part"
 _PARTITION_FN_RE = re.compile(r"\{\{\s*partition\(\s*(\d+)\s*,")
+_LIFECYCLE_OF: dict[str, Lifecycle] = {lc: lc for lc in LIFECYCLES}
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,7 @@ def parse_inbound(prefix: str, subject: str) -> Route | None:
     spoke_id, _, session_id, *rest = tokens
     if not (is_id(spoke_id) and is_id(session_id)):
         return None
-    if len(rest) == 1 and rest[0] in LIFECYCLES:
-        lifecycle: Lifecycle = next(lc for lc in LIFECYCLES if lc == rest[0])
+    if len(rest) == 1 and (lifecycle := _LIFECYCLE_OF.get(rest[0])) is not None:
         return Route(spoke_id, session_id, lifecycle=lifecycle)
     if len(rest) == 2 and rest[0] == "signal" and is_kind(rest[1]):
         return Route(spoke_id, session_id, signal_kind=rest[1])

@@ -151,7 +151,8 @@ class WireClient(Client):
             if not colon:
                 continue
             key = name.strip().decode("utf-8", "surrogateescape")
-            if not key or any(c.isspace() for c in key):
+            # Empty, or whitespace inside (`str.split` splits where `isspace` is true).
+            if len(key.split()) != 1:
                 continue
             headers[key] = value.strip().decode("utf-8", "surrogateescape")
         return headers
