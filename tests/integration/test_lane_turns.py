@@ -10,6 +10,7 @@ import json
 import asyncpg
 import pytest
 from nats.aio.msg import Msg
+from structlog.testing import capture_logs
 
 from tests.support import Hub, wait_until
 
@@ -187,3 +188,69 @@ async def test_lanes_sharing_a_transaction_with_a_locked_session_go_alone_after_
             "hub_worker_batch_groups_total", {"outcome": "split"}
         )
         assert split == groups.split, groups
+
+
+async def test_lanes_sharing_a_transaction_that_fails_apply_theirs_alone_at_once(
+    hub: Hub,
+) -> None:
+    """A group whose transaction fails, here because the database refuses one member's
+    session, is split at once (not after GROUP_ALONE_AFTER_SECONDS): the other members
+    apply their batches alone, and the refused event goes to its dead letter as it
+    would without groups."""
+    await hub.db.execute(
+        """
+        CREATE FUNCTION refuse_cursed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.id LIKE 'cursed%' THEN RAISE EXCEPTION 'cursed sessions are refused'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_cursed BEFORE INSERT ON sessions
+            FOR EACH ROW EXECUTE FUNCTION refuse_cursed();
+        """
+    )
+    worker = await hub.start_worker(lane_turns=1)
+    await _send(hub, "held", "spawned")
+    await hub.settle()
+    cursed = [f"cursed{n}" for n in range(4)]
+    operator = await asyncpg.connect(hub.database_url)
+    try:
+        with capture_logs() as logged:
+            async with operator.transaction():
+                # `held` keeps the only turn, so the batches that come next form a
+                # group while its leader waits for one (TURN_WAIT_SECONDS).
+                await operator.execute("SELECT 1 FROM sessions WHERE id = 'held' FOR UPDATE")
+                held_partition = await _send(hub, "held", "completed")
+                await _a_lane_waits_on_a_lock(hub)
+                sessions = cursed + [f"s{n}" for n in range(SESSIONS)]
+                partitions = await asyncio.gather(*(_send(hub, s, "spawned") for s in sessions))
+                placed = dict(zip(sessions, partitions, strict=True))
+                assert any(placed[c] != held_partition for c in cursed), placed
+                elsewhere = sorted(
+                    s for s in sessions[len(cursed) :] if placed[s] != held_partition
+                )
+
+                async def the_other_lanes_applied_theirs() -> bool:
+                    applied = await hub.value(
+                        "SELECT count(*) FROM sessions WHERE id = ANY($1::text[])", elsewhere
+                    )
+                    return bool(applied == len(elsewhere))
+
+                await wait_until(
+                    the_other_lanes_applied_theirs, within=20, what="the other lanes' sessions"
+                )
+    finally:
+        await operator.close()
+    await hub.settle()
+    statuses = await hub.rows("SELECT id, status FROM sessions ORDER BY id")
+    assert {r["id"]: r["status"] for r in statuses} == {
+        "held": "completed",
+        **{f"s{n}": "active" for n in range(SESSIONS)},
+    }
+    letters = await hub.rows("SELECT reason, subject FROM dead_letters ORDER BY subject")
+    assert [r["reason"] for r in letters] == ["handler_error"] * len(cursed)
+    if hub.settings.batch_max > 1:
+        groups = worker.lane_manager.groups
+        assert groups.split >= 1, groups
+        splits = [e for e in logged if e["event"] == "batch.group_split"]
+        assert splits, "no group split"
+        assert all("cursed sessions are refused" in e["error"] for e in splits), splits
