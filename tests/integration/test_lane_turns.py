@@ -45,6 +45,18 @@ async def _a_lane_waits_on_a_lock(hub: Hub) -> None:
     await wait_until(waiting, within=30, what="the lane to wait")
 
 
+async def _the_sessions_are_applied(hub: Hub, sessions: list[str]) -> None:
+    """Until every one of `sessions` has its row: their lanes applied them."""
+
+    async def applied() -> bool:
+        count = await hub.value(
+            "SELECT count(*) FROM sessions WHERE id = ANY($1::text[])", sessions
+        )
+        return bool(count == len(sessions))
+
+    await wait_until(applied, within=20, what="the other lanes' sessions")
+
+
 async def test_a_lane_waiting_on_a_lock_in_its_turn_holds_up_no_other_lane(hub: Hub) -> None:
     await hub.start_worker(lane_turns=1)
     await _send(hub, "held", "spawned")
@@ -59,17 +71,9 @@ async def test_a_lane_waiting_on_a_lock_in_its_turn_holds_up_no_other_lane(hub: 
             elsewhere = sorted(s for s, p in partitions.items() if p != held_partition)
             assert elsewhere, "every session in the held lane: pick more sessions"
 
-            async def the_other_lanes_applied_theirs() -> bool:
-                applied = await hub.value(
-                    "SELECT count(*) FROM sessions WHERE id = ANY($1::text[])", elsewhere
-                )
-                return bool(applied == len(elsewhere))
-
             # The held lane keeps the only turn until the lock goes (its statement
             # would wait up to DB_STATEMENT_TIMEOUT_SECONDS): the others go without.
-            await wait_until(
-                the_other_lanes_applied_theirs, within=20, what="the other lanes' sessions"
-            )
+            await _the_sessions_are_applied(hub, elsewhere)
             assert await hub.value("SELECT status FROM sessions WHERE id = 'held'") != "completed"
     finally:
         await operator.close()
@@ -155,15 +159,7 @@ async def test_lanes_sharing_a_transaction_with_a_locked_session_go_alone_after_
             )
             assert elsewhere, "every session in a held lane: pick more sessions"
 
-            async def the_other_lanes_applied_theirs() -> bool:
-                applied = await hub.value(
-                    "SELECT count(*) FROM sessions WHERE id = ANY($1::text[])", elsewhere
-                )
-                return bool(applied == len(elsewhere))
-
-            await wait_until(
-                the_other_lanes_applied_theirs, within=20, what="the other lanes' sessions"
-            )
+            await _the_sessions_are_applied(hub, elsewhere)
             assert (
                 await hub.value(
                     "SELECT count(*) FROM sessions WHERE id IN ('held', 'held2')"
@@ -229,15 +225,7 @@ async def test_lanes_sharing_a_transaction_that_fails_apply_theirs_alone_at_once
                     s for s in sessions[len(cursed) :] if placed[s] != held_partition
                 )
 
-                async def the_other_lanes_applied_theirs() -> bool:
-                    applied = await hub.value(
-                        "SELECT count(*) FROM sessions WHERE id = ANY($1::text[])", elsewhere
-                    )
-                    return bool(applied == len(elsewhere))
-
-                await wait_until(
-                    the_other_lanes_applied_theirs, within=20, what="the other lanes' sessions"
-                )
+                await _the_sessions_are_applied(hub, elsewhere)
     finally:
         await operator.close()
     await hub.settle()
