@@ -179,10 +179,8 @@ class Queries:
 
     # batch.sql: applying a batch of inbound events
     batch_start: Query
-    lock_sessions: Query
     batch_detections: Query
     write_batch: Query
-    insert_detections: Query
     # outbox.sql
     enqueue_outbox: Query
     pending_outbox: Query
@@ -752,7 +750,7 @@ def _session_row(r: asyncpg.Record) -> SessionRow:
 
 
 def _mapping_row(r: asyncpg.Record) -> MappingRow:
-    """The mapping columns (m_…) of a lock_sessions row."""
+    """The mapping columns (m_…) of a batch_start row."""
     return MappingRow(
         r["m_id"],
         r["id"],
@@ -768,6 +766,12 @@ def _mapping_row(r: asyncpg.Record) -> MappingRow:
     )
 
 
+# A session another transaction created after batch_start's snapshot is neither
+# created nor locked by it (its INSERT waited for that transaction, then skipped the
+# row); the next run sees the session and locks it.
+BATCH_START_RUNS = 2
+
+
 async def load_snapshot(
     conn: Connection,
     event_ids: list[UUID],
@@ -781,21 +785,23 @@ async def load_snapshot(
     """
     q = queries()
     session_ids = sorted(first_spokes)
-    start = await conn.fetchrow(
-        *q.batch_start.bind(
-            event_ids=event_ids,
-            id=session_ids,
-            spoke_id=[first_spokes[s] for s in session_ids],
-        )
+    start = q.batch_start.bind(
+        event_ids=event_ids,
+        id=session_ids,
+        spoke_id=[first_spokes[s] for s in session_ids],
     )
-    assert start is not None
-    now, applied = start["now"], set(start["applied"])
     sessions: dict[str, SessionRow] = {}
     mappings: dict[str, MappingRow] = {}
-    for r in await conn.fetch(*q.lock_sessions.bind(session_ids=session_ids)):
-        sessions[r["id"]] = _session_row(r)
-        if r["m_id"] is not None:
-            mappings[r["id"]] = _mapping_row(r)
+    for _ in range(BATCH_START_RUNS):
+        for r in await conn.fetch(*start):
+            if r["head"]:
+                now, applied = r["now"], set(r["applied"])
+                continue
+            sessions[r["id"]] = _session_row(r)
+            if r["m_id"] is not None:
+                mappings[r["id"]] = _mapping_row(r)
+        if len(sessions) == len(session_ids):
+            break
     active: dict[str, DetectionRow] = {}
     resolved: dict[str, DetectionRow] = {}
     detections = q.batch_detections.bind(session_ids=session_ids, dedup_key=signal_keys)
@@ -878,13 +884,22 @@ class LedgerConflict(Exception):
     """Another transaction changed what the batch was planned on: redo it one by one."""
 
 
+def reopened_keys(new: list[DetectionRow], changed: list[DetectionRow]) -> list[DetectionRow]:
+    """The new detections whose key is one of the changed ones': freed by this batch
+    (resolved), a key write_batch's INSERT would still find taken."""
+    freed = {d.dedup_key for d in changed}
+    return [d for d in new if d.dedup_key in freed]
+
+
 async def write_plan(conn: Connection, plan: Plan) -> None:
-    """Write what `worker.batch.simulate` decided: one statement, then the new detections."""
+    """Write what `worker.batch.simulate` decided: one statement, and a second for new
+    detections that take a key the first frees (write_batch's new_detection)."""
     q = queries()
     sessions = sorted(plan.sessions.values(), key=lambda r: r.id)
     mappings = [*plan.new_mappings.values(), *plan.changed_mappings.values()]
     changed = sorted(plan.changed_detections.values(), key=lambda d: d.id)
-    outbound = plan.outbound
+    new = list(plan.new_detections.values())
+    reopened = reopened_keys(new, changed)
     written = await conn.fetchrow(
         *q.write_batch.bind(
             ledger=plan.ledger,
@@ -896,7 +911,8 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
             **_columns(sessions, _SESSION_COLUMNS, "s_"),
             **_columns(mappings, _MAPPING_COLUMNS, "m_"),
             **_columns(changed, _CHANGED_DETECTION_COLUMNS, "d_"),
-            **_columns(outbound, _OUTBOX_COLUMNS, "o_"),
+            **_columns([] if reopened else new, _NEW_DETECTION_COLUMNS, "n_"),
+            **_columns(plan.outbound, _OUTBOX_COLUMNS, "o_"),
         )
     )
     assert written is not None
@@ -904,10 +920,15 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
         raise LedgerConflict(
             f"{len(plan.ledger) - written['recorded']} events were applied meanwhile"
         )
-    if plan.new_detections:
-        new = list(plan.new_detections.values())
-        inserted = await conn.fetch(
-            *q.insert_detections.bind(**_columns(new, _NEW_DETECTION_COLUMNS))
+    merged = written["merged"]
+    if reopened:
+        # Rare: a key resolved and opened again in one batch (a stall over, then a
+        # new one). Nothing else to write; the first run freed the keys.
+        nothing: dict[str, list[Any]] = {name: [] for name in q.write_batch.params}
+        second = await conn.fetchrow(
+            *q.write_batch.bind(**{**nothing, **_columns(new, _NEW_DETECTION_COLUMNS, "n_")})
         )
-        if any(r["merged"] for r in inserted):
-            raise LedgerConflict("an active detection of the batch's keys appeared meanwhile")
+        assert second is not None
+        merged = second["merged"]
+    if merged:
+        raise LedgerConflict("an active detection of the batch's keys appeared meanwhile")

@@ -6,11 +6,19 @@
 -- writes take one array per column, each named after the column it becomes.
 
 -- name: batch_start
--- The transaction's clock (every "now" of the batch) and which of the batch's
--- eventIds the ledger has already; and sessions seen for the first time are
--- created (with the spoke of their first event, which owns them, and that spoke)
--- before anything is decided, so that every event of a session, new or not,
--- serialises on the session's row (lock_sessions, the next statement, sees them).
+-- The batch's first statement: the transaction's clock (every "now" of the batch),
+-- which of its eventIds the ledger has already, and its sessions, locked, each
+-- with its mapping (the m_ columns, null when it has none). The first row (`head`)
+-- carries the clock and the ledger's answer; one row per session follows.
+-- Sessions seen for the first time are created (with the spoke of their first
+-- event, which owns them, and that spoke) before anything is decided, so that every
+-- event of a session, new or not, serialises on the session's row: a created row is
+-- this transaction's until it commits; an existing one is locked here. NO KEY
+-- UPDATE: it does not block the key-share locks that foreign keys take, so a
+-- mapping naming this session as its parent does not wait. The created rows come
+-- from the INSERT's RETURNING (the statement's snapshot does not see them); a
+-- session another transaction created after that snapshot is in neither, and the
+-- caller runs this again, which then finds and locks it (worker.db.load_snapshot).
 WITH new_session AS (
     SELECT s.id, s.spoke_id
     FROM unnest(:id::text[], :spoke_id::text[]) AS s (id, spoke_id)
@@ -23,25 +31,34 @@ WITH new_session AS (
     INSERT INTO sessions (id, spoke_id)
     SELECT id, spoke_id FROM new_session ORDER BY id
     ON CONFLICT (id) DO NOTHING
+    RETURNING id, spoke_id, status, last_activity_at, ended_at, archived_at, metadata
+), locked AS (
+    SELECT s.id, s.spoke_id, s.status, s.last_activity_at, s.ended_at, s.archived_at,
+           s.metadata,
+           m.id AS m_id, m.spoke_id AS m_spoke_id, m.workspace_id AS m_workspace_id,
+           m.parent_session_id AS m_parent_session_id, m.task_id AS m_task_id,
+           m.task AS m_task, m.status AS m_status, m.metadata AS m_metadata,
+           m.created_at AS m_created_at, m.updated_at AS m_updated_at
+    FROM sessions AS s LEFT JOIN mappings AS m ON m.session_id = s.id
+    WHERE s.id = ANY(:id::text[])
+    ORDER BY s.id
+    FOR NO KEY UPDATE OF s
 )
-SELECT now() AS now,
-       ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(:event_ids::uuid[])) AS applied;
-
--- name: lock_sessions
--- Every change to a session, its mapping and its detections serialises on this
--- row lock. NO KEY UPDATE: it does not block the key-share locks that foreign
--- keys take, so a mapping naming this session as its parent does not wait.
--- The session's mapping (if any) comes along, read under that lock: its m_
--- columns are null when it has none. Only the session rows are locked.
-SELECT s.id, s.spoke_id, s.status, s.last_activity_at, s.ended_at, s.archived_at, s.metadata,
-       m.id AS m_id, m.spoke_id AS m_spoke_id, m.workspace_id AS m_workspace_id,
-       m.parent_session_id AS m_parent_session_id, m.task_id AS m_task_id, m.task AS m_task,
-       m.status AS m_status, m.metadata AS m_metadata, m.created_at AS m_created_at,
-       m.updated_at AS m_updated_at
-FROM sessions AS s LEFT JOIN mappings AS m ON m.session_id = s.id
-WHERE s.id = ANY(:session_ids::text[])
-ORDER BY s.id
-FOR NO KEY UPDATE OF s;
+SELECT true AS head, now() AS now,
+       ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(:event_ids::uuid[]))
+           AS applied,
+       NULL::text AS id, NULL::text AS spoke_id, NULL::text AS status,
+       NULL::timestamptz AS last_activity_at, NULL::timestamptz AS ended_at,
+       NULL::timestamptz AS archived_at, NULL::jsonb AS metadata,
+       NULL::text AS m_id, NULL::text AS m_spoke_id, NULL::text AS m_workspace_id,
+       NULL::text AS m_parent_session_id, NULL::text AS m_task_id, NULL::text AS m_task,
+       NULL::text AS m_status, NULL::jsonb AS m_metadata, NULL::timestamptz AS m_created_at,
+       NULL::timestamptz AS m_updated_at
+UNION ALL
+SELECT false, NULL, NULL, * FROM locked
+UNION ALL
+SELECT false, NULL, NULL, c.*, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM created AS c;
 
 -- name: batch_detections
 -- The active detections of the batch's sessions, locked (after their sessions,
@@ -72,11 +89,11 @@ CROSS JOIN LATERAL (
 
 -- name: write_batch
 -- What the batch decided, in one statement: the ledger, the rows its events name
--- (spokes, workspaces, tasks, parent sessions), sessions, mappings, changed
--- detections and the outbox (new detections follow in insert_detections). Each
--- part is a data-modifying CTE; they share one snapshot and touch disjoint rows
--- (the parents are not among the batch's own sessions), and the foreign keys are
--- checked when the statement ends, so the order between them does not matter.
+-- (spokes, workspaces, tasks, parent sessions), sessions, mappings, changed and
+-- new detections, and the outbox. Each part is a data-modifying CTE; they share
+-- one snapshot and touch disjoint rows (the parents are not among the batch's own
+-- sessions), and the foreign keys are checked when the statement ends, so the order
+-- between them does not matter.
 -- `recorded` below the batch's eventIds means another transaction applied one of
 -- them meanwhile: the caller rolls all of it back and redoes the batch one by one.
 WITH recorded AS (
@@ -137,7 +154,7 @@ WITH recorded AS (
         updated_at = EXCLUDED.updated_at
 ), detection AS (
     -- Existing detections as the batch left them; a detection resolved here frees
-    -- its key for a new one, which is why insert_detections is a statement after.
+    -- its key for a new one (new_detection says how that is written).
     UPDATE detections AS d SET
         severity = c.severity,
         details = c.details::jsonb,
@@ -159,30 +176,37 @@ WITH recorded AS (
                 :o_aggregate::text[])
          WITH ORDINALITY AS pending (event_id, subject, payload, aggregate, position)
     ORDER BY position
+), new_detection AS (
+    -- New detections, when none of them takes a key that the batch frees (a
+    -- detection it resolves): each part of this statement sees the tables as the
+    -- statement found them, so to an INSERT here such a key still looks taken;
+    -- those go in a second run of this statement, with nothing else to write
+    -- (worker.db.write_plan). The session row lock already keeps other
+    -- transactions off these keys; the partial unique index is the guard of last
+    -- resort: should an active detection for a key have appeared meanwhile, its
+    -- row is merged into rather than duplicated, and `merged` tells the caller to
+    -- redo the batch.
+    INSERT INTO detections (id, session_id, anomaly_type, severity, details, dedup_key,
+                            occurrence_count, created_at, updated_at, resolved_at, resolved_by,
+                            resolution)
+    SELECT id, session_id, anomaly_type, severity, details::jsonb, dedup_key, occurrence_count,
+           created_at, updated_at, resolved_at, resolved_by, resolution
+    FROM unnest(:n_id::text[], :n_session_id::text[], :n_anomaly_type::text[],
+                :n_severity::text[], :n_details::text[], :n_dedup_key::text[],
+                :n_occurrence_count::int[], :n_created_at::timestamptz[],
+                :n_updated_at::timestamptz[], :n_resolved_at::timestamptz[],
+                :n_resolved_by::text[], :n_resolution::text[])
+         AS n (id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
+               created_at, updated_at, resolved_at, resolved_by, resolution)
+    ORDER BY resolved_at NULLS LAST
+    ON CONFLICT (dedup_key) WHERE resolved_at IS NULL DO UPDATE SET
+        occurrence_count = detections.occurrence_count + EXCLUDED.occurrence_count,
+        updated_at = EXCLUDED.updated_at
+    RETURNING (xmax <> 0) AS merged
 ), notified AS (
     -- The relay leader listens; PostgreSQL delivers this at commit (migration 0009).
     SELECT pg_notify('hub_worker_outbox', '') WHERE cardinality(:o_event_id::uuid[]) > 0
 )
-SELECT (SELECT count(*) FROM recorded) AS recorded, (SELECT count(*) FROM notified) AS notified;
-
--- name: insert_detections
--- New detections, after write_batch. The session row lock already keeps other transactions off
--- these keys; the partial unique index is the guard of last resort: should an
--- active detection for a key have appeared meanwhile, its row is merged into
--- rather than duplicated, and `merged` tells the caller to redo the batch.
-INSERT INTO detections (id, session_id, anomaly_type, severity, details, dedup_key,
-                        occurrence_count, created_at, updated_at, resolved_at, resolved_by,
-                        resolution)
-SELECT id, session_id, anomaly_type, severity, details::jsonb, dedup_key, occurrence_count,
-       created_at, updated_at, resolved_at, resolved_by, resolution
-FROM unnest(:id::text[], :session_id::text[], :anomaly_type::text[], :severity::text[],
-            :details::text[], :dedup_key::text[], :occurrence_count::int[],
-            :created_at::timestamptz[], :updated_at::timestamptz[], :resolved_at::timestamptz[],
-            :resolved_by::text[], :resolution::text[])
-     AS n (id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
-           created_at, updated_at, resolved_at, resolved_by, resolution)
-ORDER BY resolved_at NULLS LAST
-ON CONFLICT (dedup_key) WHERE resolved_at IS NULL DO UPDATE SET
-    occurrence_count = detections.occurrence_count + EXCLUDED.occurrence_count,
-    updated_at = EXCLUDED.updated_at
-RETURNING id, (xmax <> 0) AS merged;
+SELECT (SELECT count(*) FROM recorded) AS recorded,
+       (SELECT count(*) FROM new_detection WHERE merged) AS merged,
+       (SELECT count(*) FROM notified) AS notified;

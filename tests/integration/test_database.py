@@ -10,13 +10,14 @@ import re
 import subprocess
 import sys
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import uuid4
 
 import asyncpg
 import pytest
 
-from tests.support import ROOT, Hub, now_iso, with_database
+from tests.support import ROOT, Hub, now_iso, wait_until, with_database
 from worker import db, schema
 from worker.batch import DetectionRow
 from worker.effects import apply_batch
@@ -171,10 +172,10 @@ def _without(query: db.Query, pattern: str, replacement: str = "") -> db.Query:
 
 
 def _without_the_session_lock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """lock_sessions without FOR NO KEY UPDATE: writers of one session no longer queue
+    """batch_start without FOR NO KEY UPDATE: writers of one session no longer queue
     on its row, so each plans on what it read at the same moment."""
     q = db.queries()
-    monkeypatch.setattr(q, "lock_sessions", _without(q.lock_sessions, r"\s*FOR NO KEY UPDATE OF s"))
+    monkeypatch.setattr(q, "batch_start", _without(q.batch_start, r"\s*FOR NO KEY UPDATE OF s"))
 
 
 async def test_without_its_guards_the_race_test_fails(
@@ -184,14 +185,14 @@ async def test_without_its_guards_the_race_test_fails(
 
     Two guards keep one key to one active detection: the session row lock, which
     queues the writers of a session, and behind it the partial unique index with
-    insert_detections' ON CONFLICT arbitration. Without the index alone the race
+    write_batch's ON CONFLICT arbitration for new detections. Without the index alone the race
     test still passes (the lock queues the writers); without both, each writer opens
     a detection of its own and the race test's assertion fails.
     """
     _without_the_session_lock(monkeypatch)
     q = db.queries()
-    insert = _without(q.insert_detections, r"ON CONFLICT \(dedup_key\) WHERE .*?(?=RETURNING)")
-    monkeypatch.setattr(q, "insert_detections", _without(insert, r"\(xmax <> 0\)", "false"))
+    insert = _without(q.write_batch, r"ON CONFLICT \(dedup_key\) WHERE .*?(?=RETURNING)")
+    monkeypatch.setattr(q, "write_batch", _without(insert, r"\(xmax <> 0\)", "false"))
     await hub.db.execute("DROP INDEX uq_detections_active_dedup_key")
     await open_session(hub)
     with pytest.raises(AssertionError):
@@ -439,3 +440,97 @@ async def test_the_outbox_backlog_counts_from_the_head_and_estimates_past_the_co
         assert (estimated.rows, estimated.head) == (11, ids[1])
     finally:
         await conn.close()
+
+
+async def _apply(conn: db.Connection, prefix: str, *events: tuple[str, dict[str, object]]) -> None:
+    """One batch of session `s`'s events (subject suffix, body fields) in one transaction."""
+    intakes = []
+    for what, fields in events:
+        body = {
+            "eventId": str(uuid4()),
+            "occurredAt": now_iso(),
+            "spokeId": "sp",
+            "sessionId": "s",
+            **fields,
+        }
+        intakes.append(
+            decode(prefix, f"{prefix}.spoke.sp.session.s.{what}", json.dumps(body).encode())
+        )
+    async with conn.transaction():
+        await apply_batch(conn, prefix, intakes)
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["second-run", "control"])
+async def test_a_key_a_batch_frees_and_opens_again_is_written_after_it_is_freed(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch, guarded: bool
+) -> None:
+    """write_batch writes a batch's new detections with everything else, except those
+    taking a key that the same statement frees: to its INSERT that key still looks
+    taken. Here a stall is over (a heartbeat resolves it), then a stall signal
+    of the same key from a clock ahead, which is not late news, opens it again. The
+    control writes all new detections in the first run: its INSERT finds the key
+    taken (by the row the same statement resolves) and the batch fails."""
+    if not guarded:
+        monkeypatch.setattr(db, "reopened_keys", lambda new, changed: [])
+    signal = ("signal.session_stall", {"severity": "low"})
+    ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    conn = await db.connect(hub.database_url)
+    try:
+        await _apply(conn, hub.prefix, signal)
+        batch = (("heartbeat", {}), (signal[0], {"severity": "high", "occurredAt": ahead}))
+        if not guarded:
+            with pytest.raises((db.LedgerConflict, asyncpg.PostgresError)):
+                await _apply(conn, hub.prefix, *batch)
+            return
+        await _apply(conn, hub.prefix, *batch)
+    finally:
+        await conn.close()
+    rows = await hub.rows(
+        "SELECT severity, resolution FROM detections ORDER BY created_at, resolved_at NULLS LAST"
+    )
+    assert rows == [
+        {"severity": "low", "resolution": "auto_resolved"},
+        {"severity": "high", "resolution": None},
+    ]
+
+
+@pytest.mark.parametrize("runs", [db.BATCH_START_RUNS, 1], ids=["as-built", "control"])
+async def test_a_batch_that_waited_for_a_session_created_meanwhile_finds_and_locks_it(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, runs: int
+) -> None:
+    """batch_start creates new sessions and locks the others in one statement, whose
+    snapshot cannot see a session another transaction creates meanwhile: its INSERT
+    waits for that one, then skips the row. load_snapshot then runs it again, which
+    finds the session and locks it; with one run the batch would plan the session as
+    new and unlocked (the control, one run, finds the session missing)."""
+    monkeypatch.setattr(db, "BATCH_START_RUNS", runs)
+    creator, batch, probe = [await db.connect(database_url) for _ in range(3)]
+    try:
+        creating = creator.transaction()
+        await creating.start()
+        await db.load_snapshot(creator, [uuid4()], {"x": "sp"}, [])
+        loading = batch.transaction()
+        await loading.start()
+        load = asyncio.create_task(db.load_snapshot(batch, [uuid4()], {"x": "sp"}, []))
+
+        async def waits_for_the_creator() -> bool:
+            return bool(
+                await probe.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                    batch.get_server_pid(),
+                )
+            )
+
+        await wait_until(waits_for_the_creator, within=10)
+        await creating.commit()
+        snapshot = await asyncio.wait_for(load, 10)
+        if runs == 1:
+            assert "x" not in snapshot.sessions
+            return
+        assert "x" in snapshot.sessions
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await probe.execute("SELECT 1 FROM sessions WHERE id = 'x' FOR UPDATE NOWAIT")
+        await loading.rollback()
+    finally:
+        for conn in (creator, batch, probe):
+            await conn.close()

@@ -128,7 +128,7 @@ def test_each_unnest_parameter_is_named_after_the_column_it_becomes() -> None:
         ("write_batch", db._CHANGED_DETECTION_COLUMNS, "d_"),
         ("write_batch", db._OUTBOX_COLUMNS, "o_"),
         ("enqueue_outbox", db._OUTBOX_COLUMNS, ""),
-        ("insert_detections", db._NEW_DETECTION_COLUMNS, ""),
+        ("write_batch", db._NEW_DETECTION_COLUMNS, "n_"),
     ],
     ids=["sessions", "mappings", "changed-detections", "outbox", "enqueue", "new-detections"],
 )
@@ -160,8 +160,8 @@ def test_unknown_extra_block_fails_naming_it(queries_copy: Path) -> None:
 
 
 def test_duplicate_block_fails_naming_it(queries_copy: Path) -> None:
-    (queries_copy / "zz_extra.sql").write_text("-- name: lock_sessions\nSELECT 1;\n")
-    with pytest.raises(RuntimeError, match="'lock_sessions' is defined twice"):
+    (queries_copy / "zz_extra.sql").write_text("-- name: batch_start\nSELECT 1;\n")
+    with pytest.raises(RuntimeError, match="'batch_start' is defined twice"):
         db.Queries.load(queries_copy)
 
 
