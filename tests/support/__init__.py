@@ -270,12 +270,20 @@ class Hub:
             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
         )
         found: list[Outbound] = []
+        # A clustered stream's new consumer may have no leader yet (a node just died):
+        # its fetches answer 503 until one is elected.
+        electing = time.monotonic() + SETTLE_TIMEOUT_SECONDS
         try:
             while True:
                 try:
                     batch = await sub.fetch(500, timeout=0.5)
                 except TimeoutError:  # nats-py raises either its own or asyncio's
                     break
+                except nats.js.errors.ServiceUnavailableError:
+                    if time.monotonic() > electing:
+                        raise
+                    await asyncio.sleep(0.2)
+                    continue
                 for msg in batch:
                     found.append(
                         Outbound(msg.subject, json.loads(msg.data), dict(msg.headers or {}))
