@@ -96,6 +96,22 @@ class Snapshot:
     mappings: dict[str, MappingRow]  # by session id
     active: dict[str, DetectionRow]  # by dedup key: active detections of the batch's sessions
     newest_resolved: dict[str, DetectionRow]  # by dedup key, for the batch's signal keys
+    # `active` by session, then dedup key: every lifecycle event looks for its session's
+    # stall, and a scan of `active` each time grew with the batch's sessions.
+    active_of: dict[str, dict[str, DetectionRow]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.active_of = {}
+        for row in self.active.values():
+            self.active_of.setdefault(row.session_id, {})[row.dedup_key] = row
+
+    def open(self, row: DetectionRow) -> None:
+        self.active[row.dedup_key] = row
+        self.active_of.setdefault(row.session_id, {})[row.dedup_key] = row
+
+    def close(self, row: DetectionRow) -> None:
+        del self.active[row.dedup_key]
+        del self.active_of[row.session_id][row.dedup_key]
 
 
 @dataclass
@@ -274,11 +290,11 @@ def _auto_resolve(
     """Resolve a session's active detections (of one type, or all) as auto_resolved."""
     ending = [
         row
-        for row in snap.active.values()
-        if row.session_id == session_id and anomaly_type in (None, row.anomaly_type)
+        for row in snap.active_of.get(session_id, {}).values()
+        if anomaly_type in (None, row.anomaly_type)
     ]
     for row in sorted(ending, key=lambda r: (r.created_at, r.id)):
-        del snap.active[row.dedup_key]
+        snap.close(row)
         row.resolved_at = snap.now
         row.resolved_by = None
         row.resolution = "auto_resolved"
@@ -319,7 +335,8 @@ def _signal(prefix: str, event: SignalEvent, kind: str, snap: Snapshot, plan: Pl
             created_at=now,
             updated_at=now,
         )
-        snap.active[key] = plan.new_detections[opened.id] = opened
+        plan.new_detections[opened.id] = opened
+        snap.open(opened)
         plan.publish_detection(prefix, "opened", opened, causation)
         return "applied"
 
