@@ -62,7 +62,7 @@ FROM created AS c;
 
 -- name: batch_detections
 -- The active detections of the batch's sessions, locked (after their sessions,
--- by lock_sessions), and per dedup key the detection resolved last: what late
+-- by batch_start), and per dedup key the detection resolved last: what late
 -- news counts on. `active` tells the two apart; the other columns are
 -- DetectionRow's, in its order. The resolved ones are one index probe per key
 -- (LIMIT 1 in idx_detections_resolved_by_key's order), so that no plan, with
