@@ -884,11 +884,14 @@ class LedgerConflict(Exception):
     """Another transaction changed what the batch was planned on: redo it one by one."""
 
 
-def reopened_keys(new: list[DetectionRow], changed: list[DetectionRow]) -> list[DetectionRow]:
-    """The new detections whose key is one of the changed ones': freed by this batch
-    (resolved), a key write_batch's INSERT would still find taken."""
+def split_reopened(
+    new: list[DetectionRow], changed: list[DetectionRow]
+) -> tuple[list[DetectionRow], list[DetectionRow]]:
+    """The new detections write_batch can insert with everything else, and those whose
+    key is a changed one's: freed by this batch (resolved), a key its INSERT would
+    still find taken."""
     freed = {d.dedup_key for d in changed}
-    return [d for d in new if d.dedup_key in freed]
+    return [d for d in new if d.dedup_key not in freed], [d for d in new if d.dedup_key in freed]
 
 
 async def write_plan(conn: Connection, plan: Plan) -> None:
@@ -898,8 +901,7 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
     sessions = sorted(plan.sessions.values(), key=lambda r: r.id)
     mappings = [*plan.new_mappings.values(), *plan.changed_mappings.values()]
     changed = sorted(plan.changed_detections.values(), key=lambda d: d.id)
-    new = list(plan.new_detections.values())
-    reopened = reopened_keys(new, changed)
+    new, reopened = split_reopened(list(plan.new_detections.values()), changed)
     written = await conn.fetchrow(
         *q.write_batch.bind(
             ledger=plan.ledger,
@@ -911,7 +913,7 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
             **_columns(sessions, _SESSION_COLUMNS, "s_"),
             **_columns(mappings, _MAPPING_COLUMNS, "m_"),
             **_columns(changed, _CHANGED_DETECTION_COLUMNS, "d_"),
-            **_columns([] if reopened else new, _NEW_DETECTION_COLUMNS, "n_"),
+            **_columns(new, _NEW_DETECTION_COLUMNS, "n_"),
             **_columns(plan.outbound, _OUTBOX_COLUMNS, "o_"),
         )
     )
@@ -925,10 +927,9 @@ async def write_plan(conn: Connection, plan: Plan) -> None:
         # Rare: a key resolved and opened again in one batch (a stall over, then a
         # new one). Nothing else to write; the first run freed the keys.
         nothing: dict[str, list[Any]] = {name: [] for name in q.write_batch.params}
-        second = await conn.fetchrow(
-            *q.write_batch.bind(**{**nothing, **_columns(new, _NEW_DETECTION_COLUMNS, "n_")})
-        )
+        columns = _columns(reopened, _NEW_DETECTION_COLUMNS, "n_")
+        second = await conn.fetchrow(*q.write_batch.bind(**{**nothing, **columns}))
         assert second is not None
-        merged = second["merged"]
+        merged += second["merged"]
     if merged:
         raise LedgerConflict("an active detection of the batch's keys appeared meanwhile")

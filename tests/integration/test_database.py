@@ -467,17 +467,22 @@ async def test_a_key_a_batch_frees_and_opens_again_is_written_after_it_is_freed(
     """write_batch writes a batch's new detections with everything else, except those
     taking a key that the same statement frees: to its INSERT that key still looks
     taken. Here a stall is over (a heartbeat resolves it), then a stall signal
-    of the same key from a clock ahead, which is not late news, opens it again. The
+    of the same key from a clock ahead, which is not late news, opens it again (and
+    another signal opens a key of its own, written in the first run). The
     control writes all new detections in the first run: its INSERT finds the key
     taken (by the row the same statement resolves) and the batch fails."""
     if not guarded:
-        monkeypatch.setattr(db, "reopened_keys", lambda new, changed: [])
+        monkeypatch.setattr(db, "split_reopened", lambda new, changed: (new, []))
     signal = ("signal.session_stall", {"severity": "low"})
     ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     conn = await db.connect(hub.database_url)
     try:
         await _apply(conn, hub.prefix, signal)
-        batch = (("heartbeat", {}), (signal[0], {"severity": "high", "occurredAt": ahead}))
+        batch = (
+            ("heartbeat", {}),
+            (signal[0], {"severity": "high", "occurredAt": ahead}),
+            ("signal.model_degradation", {"severity": "medium"}),  # a key of its own
+        )
         if not guarded:
             with pytest.raises((db.LedgerConflict, asyncpg.PostgresError)):
                 await _apply(conn, hub.prefix, *batch)
@@ -486,11 +491,13 @@ async def test_a_key_a_batch_frees_and_opens_again_is_written_after_it_is_freed(
     finally:
         await conn.close()
     rows = await hub.rows(
-        "SELECT severity, resolution FROM detections ORDER BY created_at, resolved_at NULLS LAST"
+        "SELECT anomaly_type, severity, resolution FROM detections"
+        " ORDER BY anomaly_type, resolved_at NULLS LAST"
     )
     assert rows == [
-        {"severity": "low", "resolution": "auto_resolved"},
-        {"severity": "high", "resolution": None},
+        {"anomaly_type": "MODEL_DEGRADATION", "severity": "medium", "resolution": None},
+        {"anomaly_type": "SESSION_STALL", "severity": "low", "resolution": "auto_resolved"},
+        {"anomaly_type": "SESSION_STALL", "severity": "high", "resolution": None},
     ]
 
 
