@@ -97,7 +97,8 @@ class Snapshot:
     active: dict[str, DetectionRow]  # by dedup key: active detections of the batch's sessions
     newest_resolved: dict[str, DetectionRow]  # by dedup key, for the batch's signal keys
     # `active` by session, then dedup key: every lifecycle event looks for its session's
-    # stall, and a scan of `active` each time grew with the batch's sessions.
+    # stall, and a scan of `active` each time grew with the batch's sessions. Both
+    # change together, through `open` and `close` only.
     active_of: dict[str, dict[str, DetectionRow]] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -177,11 +177,11 @@ WITH recorded AS (
          WITH ORDINALITY AS pending (event_id, subject, payload, aggregate, position)
     ORDER BY position
 ), new_detection AS (
-    -- New detections, when none of them takes a key that the batch frees (a
-    -- detection it resolves): each part of this statement sees the tables as the
-    -- statement found them, so to an INSERT here such a key still looks taken;
-    -- those go in a second run of this statement, with nothing else to write
-    -- (worker.db.write_plan). The session row lock already keeps other
+    -- New detections, but for those that take a key the batch frees (a detection
+    -- it resolves): each part of this statement sees the tables as the statement
+    -- found them, so to an INSERT here such a key still looks taken; those go in a
+    -- second run of this statement, with nothing else to write
+    -- (worker.db.split_reopened). The session row lock already keeps other
     -- transactions off these keys; the partial unique index is the guard of last
     -- resort: should an active detection for a key have appeared meanwhile, its
     -- row is merged into rather than duplicated, and `merged` tells the caller to
