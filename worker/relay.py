@@ -235,7 +235,7 @@ class OutboxRelay:
 # and of hub_worker_outbox_set_aside, the `reason` of outbox_set_aside).
 MAX_PAYLOAD = "max_payload"  # bigger than the server's max_payload: never sent
 TOO_LARGE = "too_large"  # the stream's max_msg_size, or its header limit
-REJECTED = "rejected"  # another JetStream 400 reply: about the message itself
+REJECTED = "rejected"  # another JetStream 400 reply, or a subject no publish may carry
 NOT_CAPTURED = "not_captured"  # no stream captures the subject
 NO_STREAM = "no_stream"  # no responders: the stream is missing or has no leader
 TIMEOUT = "timeout"
@@ -259,7 +259,8 @@ def classify(error: BaseException) -> Refusal:
     """Permanent: refused for a reason of the row itself; transient: anything else.
 
     A row is refused for good when the client will not send it (bigger than the
-    server's max_payload) or JetStream answers 400, which for a publish is about
+    server's max_payload with its header, or a subject or id that would break the
+    protocol line) or JetStream answers 400, which for a publish is about
     the message (its size, its headers). Timeouts, no responders (the stream is
     missing, or electing a leader), 503 and 500 replies (a full stream, storage
     trouble) and connection errors are the server's state: waited out. "No stream
@@ -268,6 +269,9 @@ def classify(error: BaseException) -> Refusal:
     text = str(error) or type(error).__name__
     if isinstance(error, nats.errors.MaxPayloadError):
         return Refusal(MAX_PAYLOAD, True, text)
+    if isinstance(error, nats.errors.BadSubjectError | nats.errors.BadHeaderError):
+        # Not framed (worker.wire.publication): its subject or id would break the line.
+        return Refusal(REJECTED, True, text)
     if isinstance(error, nats.js.errors.APIError):
         text = error.description or text
         if error.err_code in _SIZE_ERR_CODES:

@@ -54,6 +54,8 @@ def reply(code: int, err_code: int, description: str) -> Exception:
     ("error", "reason"),
     [
         (nats.errors.MaxPayloadError(), "max_payload"),
+        (nats.errors.BadSubjectError(), "rejected"),
+        (nats.errors.BadHeaderError("id\r\nPUB"), "rejected"),
         (reply(400, 10054, "message size exceeds maximum allowed"), "too_large"),
         (reply(400, 10097, "header size exceeds maximum allowed"), "too_large"),
         (reply(400, 10165, "invalid per-message TTL"), "rejected"),

@@ -6,10 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
-from nats.errors import NotJSMessageError
+from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError, NotJSMessageError
+from nats.protocol.command import hpub_cmd
 from nats.protocol.parser import Parser
 
-from worker.wire import WireClient, WireMsg, delivery, raw
+from worker.wire import WireClient, WireMsg, delivery, publication, raw
 
 
 class _Recorder:
@@ -157,3 +158,42 @@ def test_delivery_reads_both_forms() -> None:
         1,
     )
     assert delivery(_msg("$JS.ACK.hub.AH.IN.lane-3.5.1001.19.1733100000123456789.38")) == (19, 5)
+
+
+_TOKEN = st.text(
+    st.characters(blacklist_characters=" \t\r\n.", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=20,
+)
+
+
+@given(
+    subject=st.lists(_TOKEN, min_size=1, max_size=6).map(".".join),
+    msg_id=_TOKEN,
+    payload=st.binary(max_size=200),
+)
+def test_a_publication_is_framed_as_nats_py_frames_a_publish(
+    subject: str, msg_id: str, payload: bytes
+) -> None:
+    header = b"NATS/1.0\r\nNats-Msg-Id: " + msg_id.encode() + b"\r\n\r\n"
+    framed = publication(subject, "_INBOX.a.1", msg_id, payload, 1 << 20)
+    assert framed == hpub_cmd(subject, "_INBOX.a.1", header, payload)
+
+
+@pytest.mark.parametrize("gap", [" ", "\t", "\r", "\n"])
+def test_a_field_that_would_end_the_control_line_is_refused(gap: str) -> None:
+    with pytest.raises(BadSubjectError):
+        publication(f"hub.mapping{gap}x", "_INBOX.a.1", "id", b"{}", 1 << 20)
+    with pytest.raises(BadSubjectError):
+        publication("hub.mapping.x", f"_INBOX{gap}a.1", "id", b"{}", 1 << 20)
+    with pytest.raises(BadHeaderError):
+        publication("hub.mapping.x", "_INBOX.a.1", f"id{gap}PUB x 1", b"{}", 1 << 20)
+    with pytest.raises(BadSubjectError):
+        publication("", "_INBOX.a.1", "id", b"{}", 1 << 20)
+
+
+def test_the_header_block_counts_toward_max_payload() -> None:
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: id\r\n\r\n")
+    assert publication("hub.x", "_INBOX.a.1", "id", b"x" * (100 - header), 100)
+    with pytest.raises(MaxPayloadError):
+        publication("hub.x", "_INBOX.a.1", "id", b"x" * (101 - header), 100)
