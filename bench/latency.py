@@ -51,6 +51,7 @@ from bench.throughput import (  # noqa: E402
     Statement,
     enable_statements,
     generate,
+    machine_seconds,
     proc_stats,
     reset_statements,
     servers,
@@ -76,6 +77,8 @@ class Latency:
     # Cores busy meanwhile with anything but the worker and the servers (other
     # work on the machine, this benchmark's publisher and subscriber included).
     others: float = 0.0
+    # Cores the hypervisor gave to other guests meanwhile (/proc/stat's steal).
+    steal: float = 0.0
     statements: list[Statement] = field(default_factory=list)
     seconds: float = 0.0  # of publishing
     offered_all: int = 0  # events published in the measured window, warm-up included
@@ -105,22 +108,15 @@ class Latency:
             + "".join(
                 f"{self.cpu_ms.get(p, float('nan')):>8.3f}" for p in ("worker", "postgres", "nats")
             )
-            + f"{self.others:>8.2f}{self.batch:>7.1f}"
+            + f"{self.others:>8.2f}{self.steal:>7.2f}{self.batch:>7.1f}"
         )
 
 
 HEADER = (
     f"{'mode':<14}{'rate':>6}{'events':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}"
     f"{'in p50':>8}{'in p99':>8}{'out p50':>8}{'out p99':>8}{'RSS':>7}"
-    f"{'worker':>8}{'postgres':>8}{'nats':>8}{'others':>8}{'batch':>7}"
+    f"{'worker':>8}{'postgres':>8}{'nats':>8}{'others':>8}{'steal':>7}{'batch':>7}"
 )
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]
-    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def subscriber_main(nats_url: str, prefix: str, out: str) -> None:
@@ -206,7 +202,7 @@ async def steady(
             )
         await reset_statements(srv)
         cpu_before = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
-        busy_before = machine_busy_seconds()
+        busy_before, stolen_before = machine_seconds()
         began = time.perf_counter()
         counted_from = began + warmup
         for n, event in enumerate(events):
@@ -222,7 +218,8 @@ async def steady(
             )
         await nc.flush()
         cpu_after = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
-        busy = machine_busy_seconds() - busy_before
+        busy, stolen = machine_seconds()
+        busy, stolen = busy - busy_before, stolen - stolen_before
         publishing = time.perf_counter() - began
         statements = (
             await top_statements(srv, stage.database, worker_root, 30) if srv.statements else []
@@ -244,6 +241,7 @@ async def steady(
             result.cpu_ms[label] = (after - cpu_before[name]) * 1000 / len(events)
         ours = sum(after - cpu_before[name] for name, after in cpu_after.items())
         result.others = (busy - ours) / publishing
+        result.steal = stolen / publishing
         result.statements, result.seconds = statements, publishing
         result.offered_all = len(events)
         for event_id, sent in published.items():

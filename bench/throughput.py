@@ -178,6 +178,7 @@ class Result:
     window_events: int = 0
     cpu: dict[str, float] = field(default_factory=dict)
     raw_rate: float = 0.0
+    steal: float = 0.0  # cores stolen by the hypervisor over the window
     statements: list[Statement] = field(default_factory=list)
     batches: int = 0
     # (wait, statement) -> samples of a worker backend, and the samples taken.
@@ -578,6 +579,7 @@ async def drain(
             await asyncio.sleep(0.005)
         started = time.perf_counter()
         before = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+        _, stolen_before = machine_seconds()
         result = Result(mode, len(events))
         sampling = asyncio.Event()
         sampler = (
@@ -594,6 +596,7 @@ async def drain(
                 continue
             elapsed = time.perf_counter() - started
             after = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+            _, stolen_after = machine_seconds()
             applied = await conn.fetchval(
                 "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::uuid[])",
                 all_ids,
@@ -616,6 +619,7 @@ async def drain(
         result.window_events = left_at_start
         result.cpu = {k: after[k] - before[k] for k in after}
         result.raw_rate, result.statements, result.batches = raw, statements, batches
+        result.steal = (stolen_after - stolen_before) / elapsed
         return result
     finally:
         stage.kill()
@@ -714,11 +718,23 @@ def table(rows: list[Result], title: str, rate_col: bool = True) -> str:
     return "\n".join(lines)
 
 
+def machine_seconds() -> tuple[float, float]:
+    """CPU seconds all cores spent busy since boot, and those the hypervisor stole.
+
+    /proc/stat's first line: busy is user, nice, system, irq and softirq (not idle,
+    iowait or steal); steal is time this virtual machine was ready to run and another
+    guest ran instead.
+    """
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:7]) - fields[3] - fields[4]) / tick, fields[7] / tick
+
+
 def cpu_table(rows: list[Result]) -> str:
     lines = [
         "CPU ms per event over each drain's window (first applied event to the last relayed)",
         f"{'mode':<22}{'events':>9}{'events/s':>10}{'raw/s':>8}{'ratio':>7}"
-        f"{'worker':>8}{'postgres':>10}{'nats':>7}{'total':>7}{'stmts/batch':>12}",
+        f"{'worker':>8}{'postgres':>10}{'nats':>7}{'total':>7}{'stmts/batch':>12}{'steal':>7}",
     ]
     for r in rows:
         worker, pg, ns = (
@@ -731,7 +747,7 @@ def cpu_table(rows: list[Result]) -> str:
         lines.append(
             f"{r.mode:<22}{r.window_events:>9}{r.rate:>10.0f}{r.raw_rate:>8.0f}"
             f"{r.rate / r.raw_rate if r.raw_rate else 0:>7.2f}"
-            f"{worker:>8.3f}{pg:>10.3f}{ns:>7.3f}{total:>7.3f}{per_batch:>12}"
+            f"{worker:>8.3f}{pg:>10.3f}{ns:>7.3f}{total:>7.3f}{per_batch:>12}{r.steal:>7.2f}"
         )
     return "\n".join(lines)
 
