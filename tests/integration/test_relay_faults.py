@@ -110,6 +110,27 @@ async def test_a_row_over_max_payload_is_set_aside_and_the_events_behind_it_are_
     assert errors[0]["outbox_id"] == poison
 
 
+@pytest.mark.parametrize("gap", [" ", "\r\nPUB x 1\r\n"])
+async def test_a_row_whose_subject_would_break_the_protocol_line_is_set_aside(
+    hub: Hub, gap: str
+) -> None:
+    """The worker builds its subjects from checked tokens; a row written by hand (an
+    operator's SQL) may hold anything. It is refused for good, not retried in front of
+    the rest (it was, as `disconnected`, when nats-py's check raised mid-window)."""
+    worker = await hub.start_worker()
+    bad = await insert_outbox(hub, f"{hub.prefix}.mapping.active.by{gap}hand", b"{}", "x:1")
+    sessions = [f"s{n}" for n in range(20)]
+    await spawn(hub, sessions)
+    await hub.settle(within=20)
+
+    aside = await hub.rows("SELECT id, reason FROM outbox_set_aside")
+    assert [(r["id"], r["reason"]) for r in aside] == [(bad, "rejected")]
+    published = await hub.outbound(f"{hub.prefix}.mapping.>")
+    assert sorted(o.subject.rsplit(".", 1)[1] for o in published) == sorted(sessions)
+    assert worker.bus is not None
+    assert worker.bus.nc.stats["reconnects"] == 0
+
+
 async def test_the_servers_acks_are_read_without_parsing_json(hub: Hub) -> None:
     """`_PLAIN_ACK` must match what this nats-server writes, first and duplicate alike:
     otherwise every ack takes the slower JSON path (correct, but a drain's cost)."""
