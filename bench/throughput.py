@@ -48,13 +48,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import nats
@@ -65,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 from worker.db import Query  # noqa: E402
 from worker.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from worker.ids import uuid7  # noqa: E402
 from worker.subjects import inbound_subject  # noqa: E402
 
 SEVERITIES = ("low", "low", "low", "medium", "medium", "high")
@@ -78,10 +79,12 @@ class Event:
     body: dict[str, object]
 
 
-def generate(count: int, seed: int = 1) -> list[Event]:
+def generate(count: int, seed: int = 1, event_ids: Callable[[], UUID] = uuid7) -> list[Event]:
     """Per 100 events: ~70 signals repeating over ~1,000 active keys, ~10 signals
     opening new keys, ~20 lifecycle events over ~2,000 sessions, each session
-    going spawned -> started -> heartbeats -> completed/failed -> archived in order."""
+    going spawned -> started -> heartbeats -> completed/failed -> archived in order.
+    `event_ids` makes each eventId: version 7 (time-ordered) as the spoke client
+    sends them, or uuid4 as a spoke of its own might."""
     rng = random.Random(seed)
     events: list[Event] = []
     alive: list[str] = []
@@ -101,16 +104,18 @@ def generate(count: int, seed: int = 1) -> list[Event]:
             step = next_step[session]
             next_step[session] += 1
             if step == 0:
-                events.append(Event(session, "spawned", body(session, task=f"task {session}")))
+                events.append(
+                    Event(session, "spawned", body(session, event_ids(), task=f"task {session}"))
+                )
             elif step == 1:
-                events.append(Event(session, "started", body(session)))
+                events.append(Event(session, "started", body(session, event_ids())))
             elif step < 6:
-                events.append(Event(session, "heartbeat", body(session)))
+                events.append(Event(session, "heartbeat", body(session, event_ids())))
             elif step == 6:
                 end = rng.choice(["completed", "completed", "failed"])
-                events.append(Event(session, end, body(session, reason="done")))
+                events.append(Event(session, end, body(session, event_ids(), reason="done")))
             else:
-                events.append(Event(session, "archived", body(session)))
+                events.append(Event(session, "archived", body(session, event_ids())))
                 alive.remove(session)
                 hot = [k for k in hot if k[0] != session]
         elif roll < 0.3 or len(hot) < 1000:
@@ -118,15 +123,15 @@ def generate(count: int, seed: int = 1) -> list[Event]:
             hot.append(key)
             if len(hot) > 1000:
                 hot.pop(0)
-            events.append(signal_event(key, rng))
+            events.append(signal_event(key, rng, event_ids()))
         else:
-            events.append(signal_event(rng.choice(hot), rng))
+            events.append(signal_event(rng.choice(hot), rng, event_ids()))
     return events
 
 
-def body(session: str, **extra: object) -> dict[str, object]:
+def body(session: str, event_id: UUID, **extra: object) -> dict[str, object]:
     return {
-        "eventId": str(uuid4()),
+        "eventId": str(event_id),
         "occurredAt": datetime.now(UTC).isoformat(),
         "spokeId": f"spoke-{int(session.rsplit('-', 1)[1]) % 20}",
         "sessionId": session,
@@ -134,10 +139,11 @@ def body(session: str, **extra: object) -> dict[str, object]:
     }
 
 
-def signal_event(key: tuple[str, str, str], rng: random.Random) -> Event:
+def signal_event(key: tuple[str, str, str], rng: random.Random, event_id: UUID) -> Event:
     session, kind, fingerprint = key
     payload = body(
         session,
+        event_id,
         severity=rng.choice(SEVERITIES),
         details={"n": rng.randint(1, 99)},
         fingerprint=fingerprint,
@@ -654,12 +660,21 @@ SELECT 'pre-det-' || g,
        CASE WHEN g % 10 = 0 THEN NULL ELSE 'auto_resolved' END
 FROM generate_series(1, $2::int) AS g;
 INSERT INTO processed_events (event_id, processed_at)
-SELECT gen_random_uuid(), now() - make_interval(secs => g % 3600)
+SELECT $4, now() - make_interval(secs => g % 3600)
 FROM generate_series(1, $3::int) AS g;
 """
 
 
-async def prefill(srv: Servers, worker_root: Path, scale: float) -> tuple[str, str]:
+# The ledger's eventIds, of the kind the drained events have: uuidv7() is PostgreSQL
+# 18's, its argument shifting the id's time as processed_at is.
+PREFILL_EVENT_IDS = {
+    "v7": "uuidv7(-make_interval(secs => g % 3600))",
+    "v4": "gen_random_uuid()",
+}
+EVENT_IDS: dict[str, Callable[[], UUID]] = {"v7": uuid7, "v4": uuid4}
+
+
+async def prefill(srv: Servers, worker_root: Path, scale: float, event_ids: str) -> tuple[str, str]:
     """A migrated database seeded with the issue's rows times `scale`, vacuumed but not
     analysed, autovacuum off on the seeded tables (each copy turns it back on)."""
     name = f"bench_prefill_{uuid4().hex[:6]}"
@@ -685,8 +700,13 @@ async def prefill(srv: Servers, worker_root: Path, scale: float) -> tuple[str, s
         for table in ("sessions", "detections", "processed_events", "mappings"):
             await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
         script = PREFILL_SQL
-        for placeholder, size in (("$1", sessions), ("$2", detections), ("$3", ledger)):
-            script = script.replace(placeholder, str(size))
+        for placeholder, value in (
+            ("$1", str(sessions)),
+            ("$2", str(detections)),
+            ("$3", str(ledger)),
+            ("$4", PREFILL_EVENT_IDS[event_ids]),
+        ):
+            script = script.replace(placeholder, value)
         await conn.execute(script)
         # VACUUM, not ANALYZE: hint bits and the visibility map set as in a database
         # that has been running (a first read would otherwise write every page),
@@ -698,7 +718,7 @@ async def prefill(srv: Servers, worker_root: Path, scale: float) -> tuple[str, s
         await conn.close()
     summary = (
         f"prefilled {detections} detections ({detections // 10} active), {sessions} sessions, "
-        f"{ledger} ledger rows in {time.perf_counter() - began:.0f} s"
+        f"{ledger} ledger rows ({event_ids} eventIds) in {time.perf_counter() - began:.0f} s"
     )
     return name, summary
 
@@ -818,6 +838,13 @@ async def main() -> None:
         default=ROOT,
         help="the checkout whose worker (and sql/) runs, e.g. a worktree of main",
     )
+    parser.add_argument(
+        "--event-ids",
+        choices=sorted(EVENT_IDS),
+        default="v7",
+        help="the eventIds the events carry (and the prefilled ledger holds): v7, "
+        "time-ordered, as the spoke client sends them (default), or random v4",
+    )
     parser.add_argument("--statements", type=int, default=10, help="top statements shown")
     parser.add_argument(
         "--waits",
@@ -830,12 +857,15 @@ async def main() -> None:
 
     with servers() as srv:
         await enable_statements(srv)
-        events = generate(max(args.events, args.baseline_events))
+        events = generate(
+            max(args.events, args.baseline_events), event_ids=EVENT_IDS[args.event_ids]
+        )
         kinds = {"signal": sum(e.tail.startswith("signal.") for e in events)}
         print(
             f"generated {len(events)} events: {kinds['signal']} signals, "
             f"{len(events) - kinds['signal']} lifecycle, "
-            f"{len({e.session for e in events})} sessions; worker from {root}",
+            f"{len({e.session for e in events})} sessions, {args.event_ids} eventIds; "
+            f"worker from {root}",
             flush=True,
         )
 
@@ -866,7 +896,7 @@ async def main() -> None:
                 )
             )
         if args.prefill:
-            template, summary = await prefill(srv, root, args.prefill_scale)
+            template, summary = await prefill(srv, root, args.prefill_scale, args.event_ids)
             print(summary, flush=True)
             for analyze in (False, True):
                 rows.append(

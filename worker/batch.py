@@ -29,7 +29,7 @@ from worker.domain import (
     signal_change,
 )
 from worker.events import EndedEvent, SignalEvent, SpawnedEvent
-from worker.ids import new_uuid4
+from worker.ids import uuid7
 from worker.intake import Intake
 from worker.outbound import OutboxRow
 
@@ -219,7 +219,7 @@ def _apply(prefix: str, intake: Intake, snap: Snapshot, plan: Plan, seen: set[UU
         if mapping is None:
             # A terminal event may have overtaken spawned; the mapping is then born terminal.
             mapping = MappingRow(
-                id=str(new_uuid4()),
+                id=str(uuid7()),
                 session_id=session.id,
                 spoke_id=event.spoke_id,
                 workspace_id=event.workspace_id,
@@ -326,7 +326,7 @@ def _signal(prefix: str, event: SignalEvent, kind: str, snap: Snapshot, plan: Pl
             plan.publish_detection(prefix, "repeated", resolved, causation)
             return "late"
         opened = DetectionRow(
-            id=str(new_uuid4()),
+            id=str(uuid7()),
             session_id=event.session_id,
             anomaly_type=anomaly_type,
             severity=event.severity,

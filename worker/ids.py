@@ -1,28 +1,39 @@
-"""Random ids for what the worker creates: outbound events and detections.
+"""Ids: time-ordered UUIDs (version 7, RFC 9562) for what the hub creates.
 
-`uuid.uuid4()` asks the kernel for 16 bytes every time, and a batch creates
-hundreds of ids (one per outbound event): a system call each was ~2-5 % of the
-worker's CPU in a drain. Here the same kernel source (`os.urandom`) is read
-4 KiB at a time; each id is still a version-4 UUID of 122 random bits.
+Events the spoke client and `hub-worker publish` send, and the detections and
+outbound events the worker makes. A version-7 UUID starts with its creation time
+in milliseconds, so ids made one after another sort one after another: the
+ledger's primary key (`processed_events.event_id`) and `detections.id` take
+each new id at the right edge of their index instead of on a random page.
+With random (version-4) ids, every insert into a large index touches a page of
+its own, which PostgreSQL must read, dirty and, the first time after each
+checkpoint, write whole into the WAL; that was most of what a large ledger
+added to the cost per event (docs/performance.md). The worker accepts any UUID
+from a spoke: this is what a hub gets when its spokes use the client.
+
+74 bits of each id are random, from the kernel (`os.urandom`), as uuid4's are.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
 from uuid import UUID
 
-_IDS_PER_READ = 256
+_RANDOM_A = (1 << 12) - 1  # 12 random bits after the version
+_RANDOM_B = (1 << 62) - 1  # 62 random bits after the variant
+_VERSION_7 = 7 << 76
+_VARIANT_RFC = 0b10 << 62
 
 
-def _random_ids() -> Iterator[UUID]:
-    while True:
-        pool = os.urandom(16 * _IDS_PER_READ)
-        for start in range(0, len(pool), 16):
-            yield UUID(bytes=pool[start : start + 16], version=4)
-
-
-# A generator cannot hand one id out twice: used from two threads at once it
-# raises ("generator already executing") instead. The worker makes ids on its
-# event loop's thread only.
-new_uuid4 = _random_ids().__next__
+def uuid7() -> UUID:
+    """A new version-7 UUID: Unix time in milliseconds (48 bits), then random bits."""
+    bits = int.from_bytes(os.urandom(10), "big")
+    millis = time.time_ns() // 1_000_000
+    return UUID(
+        int=(millis << 80)
+        | _VERSION_7
+        | (bits & _RANDOM_A) << 64
+        | _VARIANT_RFC
+        | (bits >> 12) & _RANDOM_B
+    )

@@ -20,7 +20,7 @@ from worker.events import (
     MappingEvent,
     OutboundEvent,
 )
-from worker.ids import new_uuid4
+from worker.ids import uuid7
 from worker.subjects import deadletter_subject, detection_subject, mapping_subject
 
 
@@ -105,7 +105,7 @@ def detection_changed(
     `detection` holds `DetectionState`'s fields by name and in its order, as committed
     (a `batch.DetectionRow`'s `vars()`, or `dict()` of a `DetectionState`).
     """
-    event_id = new_uuid4()
+    event_id = uuid7()
     if change == "escalated":
         assert previous_severity is not None
         payload = _DETECTION_ESCALATED_EVENT.to_json(
@@ -141,7 +141,7 @@ def mapping_changed(
     (a `batch.MappingRow`'s `vars()`, whose `metadata` is not written; or `dict()` of
     a `MappingState`).
     """
-    event_id = new_uuid4()
+    event_id = uuid7()
     payload = _MAPPING_EVENT.to_json(
         {
             "event_id": event_id,
@@ -174,7 +174,7 @@ def dead_lettered(
     A body longer than `announced_bytes` is cut to that length
     (`payloadTruncated`); the stored row keeps all of it.
     """
-    event_id = new_uuid4()
+    event_id = uuid7()
     body = DeadLetterEvent(
         event_id=event_id,
         occurred_at=occurred_at,

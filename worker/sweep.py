@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from uuid import uuid4
 
 import structlog
 
@@ -12,6 +11,7 @@ from worker.bus import Bus
 from worker.connection import NATS_ERRORS
 from worker.constants import SWEEP_BATCH, SWEEP_TICK_MAX_SECONDS, SWEEP_TICK_MIN_SECONDS
 from worker.domain import SESSION_STALL, Severity, dedup_key
+from worker.ids import uuid7
 from worker.metrics import Metrics
 from worker.partitions import Lane
 from worker.retry import pause
@@ -80,7 +80,7 @@ class StallSweep:
         opened: list[str] = []
         if stalled:
             candidates = [
-                db.StallCandidate(session, dedup_key(SESSION_STALL, session, None), str(uuid4()))
+                db.StallCandidate(session, dedup_key(SESSION_STALL, session, None), str(uuid7()))
                 for session in stalled
             ]
             async with conn.transaction():

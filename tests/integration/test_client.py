@@ -95,6 +95,8 @@ async def test_spoke_publishes_every_event_kind(hub: Hub) -> None:
     assert completed.reason == "done"
     assert all(e.spoke_id == "sp1" for e in published)
     assert all(e.occurred_at.utcoffset() == timedelta(0) for e in published)
+    # Time-ordered eventIds: the ledger's index takes them at its right edge.
+    assert {e.event_id.version for e in published} == {7}
 
     # Every event went out once, with its eventId as Nats-Msg-Id, and was applied.
     stored = await stored_inbound(hub)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from worker.batch import DetectionRow, SessionRow, Snapshot, simulate
 from worker.domain import DeadLetterError, DeadLetterReason, dedup_key
@@ -174,3 +174,15 @@ def test_a_spoke_clock_ahead_of_ours_counts_as_now() -> None:
     ahead = event("heartbeat", occurredAt=(NOW + timedelta(hours=3)).isoformat())
     plan = simulate(P, [ahead], snapshot())
     assert plan.sessions["s1"].last_activity_at == NOW
+
+
+def test_the_ids_a_batch_makes_are_time_ordered() -> None:
+    # Version 7: new detections and outbound events take the right edge of their
+    # indexes (worker.ids), however large the tables are.
+    plan = simulate(
+        P, [event("spawned"), event("signal.model_degradation", severity="low")], snapshot()
+    )
+    (row,) = plan.new_detections.values()
+    assert UUID(row.id).version == 7
+    assert {json.loads(r.payload)["eventId"][14] for r in plan.outbound} == {"7"}
+    assert {r.event_id.version for r in plan.outbound} == {7}

@@ -52,7 +52,11 @@ def _publish_options(parser: argparse.ArgumentParser, default: Any) -> None:
         "--metadata", type=parse_json_object, default=default, metavar="JSON", help="a JSON object"
     )
     parser.add_argument(
-        "--event-id", type=parse_uuid, default=default, metavar="UUID", help="default: a new uuid4"
+        "--event-id",
+        type=parse_uuid,
+        default=default,
+        metavar="UUID",
+        help="default: a new time-ordered UUID (version 7)",
     )
     parser.add_argument(
         "--occurred-at",

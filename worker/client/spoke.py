@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import nats
 from nats.aio.client import Client as NATS
@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from worker.constants import MAX_EVENT_BYTES
 from worker.domain import Lifecycle, Severity
 from worker.events import EndedEvent, LifecycleEvent, SignalEvent, SpawnedEvent, lifecycle_model
+from worker.ids import uuid7
 from worker.subjects import ID_PATTERN, KIND_PATTERN, inbound_subject, is_id, is_kind, signal_event
 
 # How long a publish waits for the stream's ack, seconds.
@@ -50,7 +51,7 @@ class Spoke:
 
     Every method validates the body with the worker's own models before it
     leaves (a `pydantic.ValidationError` or `ValueError` otherwise), fills
-    `eventId` (a new uuid4 unless given) and `occurredAt` (now, UTC, unless
+    `eventId` (a new time-ordered UUID, version 7, unless given) and `occurredAt` (now, UTC, unless
     given), sends the eventId as header `Nats-Msg-Id`, waits for JetStream's
     ack and returns the event as published::
 
@@ -306,7 +307,7 @@ class Spoke:
         event = model.model_validate(
             {
                 **fields,
-                "event_id": event_id or uuid4(),
+                "event_id": event_id or uuid7(),
                 "occurred_at": occurred_at or datetime.now(UTC),
                 "spoke_id": self.spoke_id,
                 "session_id": session_id,
