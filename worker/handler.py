@@ -182,6 +182,7 @@ class MessageHandler:
         last = len(messages) - 1
         for n, (message, handled) in enumerate(zip(messages, outcomes, strict=True)):
             await self._settle(message, handled, started, ack=not acks_all or n == last)
+        self._count(messages, outcomes)
         self._log_batch(msgs, outcomes, started)
         return outcomes
 
@@ -225,6 +226,7 @@ class MessageHandler:
                     await message.msg.in_progress()
                 await attempts.sleep(delay)
         await self._settle(message, handled, started)
+        self._count([message], [handled])
         return handled
 
     def _give_up(self, message: _Message, err: Exception) -> bool:
@@ -396,11 +398,17 @@ class MessageHandler:
             log.warning(
                 "nats.ack_failed", action="event.settle", error=str(err) or type(err).__name__
             )
-        self.metrics.events.labels(message.kind, handled.outcome).inc()
         self.metrics.handling_seconds.observe(time.perf_counter() - started)
-        if handled.reason:
-            self.metrics.dead_letters.labels(handled.reason).inc()
         self._log(message, handled.outcome, started, handled.reason)
+
+    def _count(self, messages: list[_Message], outcomes: list[Handled]) -> None:
+        """The settled messages in the counters: one increment per kind and outcome,
+        not per message (a label lookup and a lock each were ~2 % of a drain's CPU)."""
+        events = Counter((m.kind, h.outcome) for m, h in zip(messages, outcomes, strict=True))
+        for (kind, outcome), n in events.items():
+            self.metrics.events.labels(kind, outcome).inc(n)
+        for reason, n in Counter(h.reason for h in outcomes if h.reason).items():
+            self.metrics.dead_letters.labels(reason).inc(n)
 
     def _log_unstored(self, message: _Message, err: Exception) -> None:
         """Nothing could store it: the log line is the last record of the message."""
