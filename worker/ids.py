@@ -11,7 +11,9 @@ checkpoint, write whole into the WAL; that was most of what a large ledger
 added to the cost per event (docs/performance.md). The worker accepts any UUID
 from a spoke: this is what a hub gets when its spokes use the client.
 
-74 bits of each id are random, from the kernel (`os.urandom`), as uuid4's are.
+74 bits of each id are random, from the kernel (`os.urandom`, as uuid4's), one
+read per id: 0.8 µs on the development machine against 0.6 for slices of a pooled
+read, and nothing shared between the threads a client may call it from.
 """
 
 from __future__ import annotations

@@ -51,9 +51,9 @@ class Spoke:
 
     Every method validates the body with the worker's own models before it
     leaves (a `pydantic.ValidationError` or `ValueError` otherwise), fills
-    `eventId` (a new time-ordered UUID, version 7, unless given) and `occurredAt` (now, UTC, unless
-    given), sends the eventId as header `Nats-Msg-Id`, waits for JetStream's
-    ack and returns the event as published::
+    `eventId` (a new time-ordered UUID, version 7, unless given) and
+    `occurredAt` (now, UTC, unless given), sends the eventId as header
+    `Nats-Msg-Id`, waits for JetStream's ack and returns the event as published::
 
         spoke = Spoke(nc, "laptop", prefix="hub")      # an open connection
         event = await spoke.heartbeat("sess-42")
