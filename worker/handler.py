@@ -403,7 +403,8 @@ class MessageHandler:
 
     def _count(self, messages: list[_Message], outcomes: list[Handled]) -> None:
         """The settled messages in the counters: one increment per kind and outcome,
-        not per message (a label lookup and a lock each were ~2 % of a drain's CPU)."""
+        not per message (a label lookup and a locked increment each: 2.2 µs a message,
+        ~1 % of a drain's worker CPU, against 0.19 µs)."""
         events = Counter((m.kind, h.outcome) for m, h in zip(messages, outcomes, strict=True))
         for (kind, outcome), n in events.items():
             self.metrics.events.labels(kind, outcome).inc(n)
