@@ -388,6 +388,9 @@ def servers() -> Iterator[Servers]:
     finally:
         for server in reversed(started):
             server.stop()
+            # As root the server's data may live outside `scratch` (worker.embedded).
+            if isinstance(server, EmbeddedPostgres):
+                shutil.rmtree(server.data_dir, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
