@@ -222,6 +222,7 @@ class Queries:
     purge_ledger: Query
     # connections.sql
     bound_session: Query
+    plan_by_keys: Query
     writable: Query
     # migrations.sql (worker.schema)
     lock_migrations: Query
@@ -295,6 +296,10 @@ async def _init_bounded_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def plan_by_keys(conn: asyncpg.Connection) -> None:
+    await conn.execute(*queries().plan_by_keys.bind())
+
+
 def tagged(application_name: str) -> str:
     """`name@host:pid`, the host shortened so that PostgreSQL keeps it all (63 bytes)."""
     host, pid = socket.gethostname(), os.getpid()
@@ -311,11 +316,17 @@ def process_of(application_name: str | None) -> str | None:
 
 
 async def connect(
-    dsn: str, *, application_name: str = "hub-worker", bounded: bool = True
+    dsn: str,
+    *,
+    application_name: str = "hub-worker",
+    bounded: bool = True,
+    by_keys: bool = False,
 ) -> asyncpg.Connection:
     """A connection; `bounded` ones have the statement, transaction and answer time
-    limits of the DB_* constants (`migrate` connects unbounded). Its application_name
-    is `application_name@host:pid` (see `tagged`)."""
+    limits of the DB_* constants (`migrate` connects unbounded); `by_keys` ones plan
+    no sequential scan where an index applies (the lanes', the leaders': see
+    sql/queries/connections.sql, plan_by_keys). Its application_name is
+    `application_name@host:pid` (see `tagged`)."""
     conn: asyncpg.Connection = await asyncpg.connect(
         dsn,
         server_settings={"application_name": tagged(application_name)},
@@ -324,6 +335,8 @@ async def connect(
     )
     try:
         await (_init_bounded_connection if bounded else _init_connection)(conn)
+        if by_keys:
+            await plan_by_keys(conn)
     except BaseException:
         conn.terminate()
         raise

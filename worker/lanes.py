@@ -361,7 +361,9 @@ class LaneManager:
         held = await db.held_locks(control, self.namespace, min(self.lanes), max(self.lanes) + 1)
         for key in sorted(set(self.lanes) - held - set(self.owned))[: share - len(mine)]:
             conn = await db.connect(
-                self.dsn, application_name=self.application_name(self.lanes[key].durable)
+                self.dsn,
+                application_name=self.application_name(self.lanes[key].durable),
+                by_keys=True,
             )
             locked = False
             try:

@@ -46,7 +46,9 @@ async def lead(
     while not stopping.is_set():
         conn: db.Connection | None = None
         try:
-            conn = await db.connect(dsn, application_name=application_name or f"hub-worker:{role}")
+            conn = await db.connect(
+                dsn, application_name=application_name or f"hub-worker:{role}", by_keys=True
+            )
             while not stopping.is_set():
                 if await db.try_lock(conn, lock_namespace, lock_key):
                     log.info("leader.elected", action="leader.elected", role=role)

@@ -11,6 +11,18 @@ SELECT set_config('statement_timeout', :statement_timeout, false),
        set_config('tcp_keepalives_interval', :keepalives_interval, false),
        set_config('tcp_keepalives_count', :keepalives_count, false);
 
+-- name: plan_by_keys
+-- The lanes' and the leaders' connections (the relay, the stall sweep): every
+-- statement they run reaches its rows by key, through an index. A connection
+-- keeps its prepared statements, and their generic plans, until something
+-- invalidates them, such as an ANALYZE; autovacuum runs one only once a table has
+-- grown by a tenth, at most every autovacuum_naptime. On tables still small a
+-- sequential scan is the cheapest plan, and it stays the plan while they fill
+-- (the first minutes of a hub, an outbox filling during a NATS outage): a scan
+-- of every detection per batch. Switched off, sequential scans are planned only
+-- where no index applies (docs/decisions.md, "Plans by key").
+SELECT set_config('enable_seqscan', 'off', false);
+
 -- name: writable
 -- Readiness: a standby (or a database set to default_transaction_read_only) answers
 -- but cannot take a single event.
