@@ -27,6 +27,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
+from tests.support import Hub, wait_until
 from worker import db
 
 SESSIONS = 20_000
@@ -290,6 +291,32 @@ async def test_plans_made_while_the_tables_were_empty_still_read_only_the_batchs
             await conn.close()
     assert found[False], "plans made on empty tables scanned nothing: the check is blind"
     assert found[True] == {}
+
+
+async def test_every_lane_and_leader_connects_to_plan_by_keys(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the test above relies on: the connections the lanes and the leaders (the
+    relay, the stall sweep, the maintenance) run their statements on are
+    `db.connect(by_keys=True)`'s."""
+    by_keys: list[str] = []
+    plan_by_keys = db.plan_by_keys
+
+    async def recorded(conn: asyncpg.Connection) -> None:
+        await plan_by_keys(conn)
+        by_keys.append(conn.get_settings().application_name)
+
+    monkeypatch.setattr(db, "plan_by_keys", recorded)
+    worker = await hub.start_worker()
+    manager = worker.lane_manager
+    assert manager is not None
+    roles = [lane.durable for lane in manager.lanes.values()] + ["relay", "sweep", "maintenance"]
+    wanted = {role: manager.application_name(role) + "@" for role in roles}
+
+    async def all_connected() -> bool:
+        return all(any(n.startswith(w) for n in by_keys) for w in wanted.values())
+
+    await wait_until(all_connected, what=f"connections planning by keys: {wanted}")
 
 
 async def test_without_the_hot_path_indexes_the_plan_check_fails(
