@@ -116,6 +116,24 @@ class Snapshot:
 
 
 @dataclass
+class _Repeated:
+    """A `repeated` event not written yet: where it goes in the outbox and what it says."""
+
+    position: int
+    prefix: str
+    # The DetectionRow's fields as of the event: a shallow copy will do, as a row's
+    # fields are replaced, never changed in place.
+    detection: dict[str, Any]
+    causation: UUID
+    # Made now, as it would be if written now: a batch's eventIds stay in time order.
+    event_id: UUID = field(default_factory=uuid7)
+
+
+# What holds a repeated event's place in Plan.outbound until it is written.
+_UNWRITTEN = OutboxRow(UUID(int=0), "", b"", "")
+
+
+@dataclass
 class Plan:
     """What to write, and each event's outcome (a DeadLetterError when it cannot apply)."""
 
@@ -131,9 +149,11 @@ class Plan:
     new_detections: dict[str, DetectionRow] = field(default_factory=dict)
     changed_detections: dict[str, DetectionRow] = field(default_factory=dict)
     outbound: list[OutboxRow] = field(default_factory=list)
-    # Position in `outbound` of the last `repeated` event per detection id,
-    # while nothing else was published for it since: the next one replaces it.
-    _repeated_at: dict[str, int] = field(default_factory=dict)
+    # The last `repeated` event per detection id, while nothing else was published
+    # for it since: the next one replaces it (contract section 5: occurrenceCount is
+    # a gauge). Kept unwritten, as the detection was then, until it cannot be
+    # replaced any more (`_write_repeated`): in a drain about half of them never are.
+    _repeated: dict[str, _Repeated] = field(default_factory=dict)
 
     def publish_detection(
         self,
@@ -143,16 +163,36 @@ class Plan:
         causation: UUID,
         previous: Severity | None = None,
     ) -> None:
-        event = outbound.detection_changed(prefix, change, vars(row), causation, previous)
-        position = self._repeated_at.pop(row.id, None)
-        if change == "repeated" and position is not None:
-            # Coalesced (contract section 5): occurrenceCount is a gauge.
-            self.outbound[position] = event
-            self._repeated_at[row.id] = position
-            return
-        self.outbound.append(event)
+        pending = self._repeated.pop(row.id, None)
         if change == "repeated":
-            self._repeated_at[row.id] = len(self.outbound) - 1
+            if pending is None:
+                position = len(self.outbound)
+                self.outbound.append(_UNWRITTEN)
+            else:
+                position = pending.position
+            self._repeated[row.id] = _Repeated(position, prefix, dict(vars(row)), causation)
+            return
+        if pending is not None:
+            self._write_repeated(pending)
+        self.outbound.append(
+            outbound.detection_changed(prefix, change, vars(row), causation, previous)
+        )
+
+    def written(self) -> Plan:
+        """The plan with every outbound event written: what `simulate` returns."""
+        for pending in self._repeated.values():
+            self._write_repeated(pending)
+        self._repeated.clear()
+        return self
+
+    def _write_repeated(self, pending: _Repeated) -> None:
+        self.outbound[pending.position] = outbound.detection_changed(
+            pending.prefix,
+            "repeated",
+            pending.detection,
+            pending.causation,
+            event_id=pending.event_id,
+        )
 
     def publish_mapping(
         self, prefix: str, row: MappingRow, previous: str | None, causation: UUID
@@ -169,7 +209,7 @@ def simulate(prefix: str, intakes: list[Intake], snapshot: Snapshot) -> Plan:
             plan.outcomes.append(_apply(prefix, intake, snapshot, plan, seen))
         except DeadLetterError as rejected:
             plan.outcomes.append(rejected)
-    return plan
+    return plan.written()
 
 
 def _apply(prefix: str, intake: Intake, snap: Snapshot, plan: Plan, seen: set[UUID]) -> Outcome:

@@ -99,13 +99,15 @@ def detection_changed(
     detection: Mapping[str, Any],
     causation_id: UUID | None,
     previous_severity: Severity | None = None,
+    event_id: UUID | None = None,
 ) -> OutboxRow:
     """`P.detection.{change}.{severity}.{kind}` carrying the detection as committed.
 
     `detection` holds `DetectionState`'s fields by name and in its order, as committed
-    (a `batch.DetectionRow`'s `vars()`, or `dict()` of a `DetectionState`).
+    (a `batch.DetectionRow`'s `vars()`, or `dict()` of a `DetectionState`). The
+    eventId is `event_id` when given, else a new one.
     """
-    event_id = uuid7()
+    event_id = event_id or uuid7()
     if change == "escalated":
         assert previous_severity is not None
         payload = _DETECTION_ESCALATED_EVENT.to_json(
