@@ -107,7 +107,7 @@ def detection_changed(
     (a `batch.DetectionRow`'s `vars()`, or `dict()` of a `DetectionState`). The
     eventId is `event_id` when given, else a new one.
     """
-    event_id = event_id or uuid7()
+    event_id = uuid7() if event_id is None else event_id
     if change == "escalated":
         assert previous_severity is not None
         payload = _DETECTION_ESCALATED_EVENT.to_json(

@@ -12,8 +12,8 @@ SELECT set_config('statement_timeout', :statement_timeout, false),
        set_config('tcp_keepalives_count', :keepalives_count, false);
 
 -- name: plan_by_keys
--- The lanes' and the leaders' connections (the relay, the stall sweep): every
--- statement they run reaches its rows by key, through an index. A connection
+-- The lanes' and the leaders' connections (the relay, the stall sweep, the
+-- maintenance): every statement they run reaches its rows by key, through an index. A connection
 -- keeps its prepared statements, and their generic plans, until something
 -- invalidates them, such as an ANALYZE; autovacuum runs one only once a table has
 -- grown by a tenth, at most every autovacuum_naptime. On tables still small a
