@@ -125,8 +125,9 @@ class _Repeated:
     # fields are replaced, never changed in place.
     detection: dict[str, Any]
     causation: UUID
-    # Made now, as it would be if written now: a batch's eventIds stay in time order.
-    event_id: UUID = field(default_factory=uuid7)
+    # Made at the event, as it would be if written then: a batch's eventIds stay in
+    # time order.
+    event_id: UUID
 
 
 # What holds a repeated event's place in Plan.outbound until it is written.
@@ -170,7 +171,9 @@ class Plan:
                 self.outbound.append(_UNWRITTEN)
             else:
                 position = pending.position
-            self._repeated[row.id] = _Repeated(position, prefix, dict(vars(row)), causation)
+            self._repeated[row.id] = _Repeated(
+                position, prefix, dict(vars(row)), causation, uuid7()
+            )
             return
         if pending is not None:
             self._write_repeated(pending)
@@ -198,6 +201,45 @@ class Plan:
         self, prefix: str, row: MappingRow, previous: str | None, causation: UUID
     ) -> None:
         self.outbound.append(outbound.mapping_changed(prefix, vars(row), previous, causation))
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The active detections a batch can touch, which are all it loads and locks, and
+    the keys whose newest resolved detection late news counts on.
+
+    Not every active detection of the batch's sessions: a long-lived session keeps
+    one per anomaly type and fingerprint, and a batch that loaded and locked all of
+    them (a row lock writes the row's page) cost more the longer its sessions lived.
+    `simulate` touches an active detection only through
+    - a signal, by its dedup key (`keys`);
+    - a lifecycle event, which ends its session's stalls: the active SESSION_STALL
+      detections of the session, the sweep's and any a spoke signalled with a
+      fingerprint (`stalls_of`);
+    - archived, which resolves every active detection of its session (`all_of`).
+    """
+
+    keys: list[str]
+    stalls_of: list[str]
+    all_of: list[str]
+
+
+def reach(intakes: list[Intake]) -> Reach:
+    """What `simulate(…, intakes, …)` can touch; sorted, each once."""
+    keys: set[str] = set()
+    stalls_of: set[str] = set()
+    all_of: set[str] = set()
+    for intake in intakes:
+        event, route = intake.event, intake.route
+        if isinstance(event, SignalEvent):
+            assert route.signal_kind is not None
+            kind = anomaly_type_of(route.signal_kind)
+            keys.add(dedup_key(kind, event.session_id, event.fingerprint))
+        elif route.lifecycle == "archived":
+            all_of.add(event.session_id)
+        else:
+            stalls_of.add(event.session_id)
+    return Reach(sorted(keys), sorted(stalls_of - all_of), sorted(all_of))
 
 
 def simulate(prefix: str, intakes: list[Intake], snapshot: Snapshot) -> Plan:

@@ -25,7 +25,7 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 from pydantic_core import from_json
 
-from worker.batch import DetectionRow, MappingRow, Plan, SessionRow, Snapshot
+from worker.batch import DetectionRow, MappingRow, Plan, Reach, SessionRow, Snapshot
 from worker.constants import (
     DB_COMMAND_TIMEOUT_SECONDS,
     DB_KEEPALIVE_COUNT,
@@ -34,7 +34,7 @@ from worker.constants import (
     DB_STATEMENT_TIMEOUT_SECONDS,
     OUTBOX_BACKLOG_COUNTED,
 )
-from worker.domain import Severity
+from worker.domain import SESSION_STALL, Severity
 from worker.events import DetectionState
 from worker.outbound import OutboxRow
 
@@ -789,9 +789,9 @@ async def load_snapshot(
     conn: Connection,
     event_ids: list[UUID],
     first_spokes: dict[str, str],
-    signal_keys: list[str],
+    reach: Reach,
 ) -> Snapshot:
-    """Load and lock the rows a batch of events can touch.
+    """Load and lock the rows a batch of events can touch (`reach`: which detections).
 
     `first_spokes` maps each session of the batch to the spoke of its first
     event: the owner of a session this creates.
@@ -817,7 +817,13 @@ async def load_snapshot(
             break
     active: dict[str, DetectionRow] = {}
     resolved: dict[str, DetectionRow] = {}
-    detections = q.batch_detections.bind(session_ids=session_ids, dedup_key=signal_keys)
+    detections = q.batch_detections.bind(
+        session_ids=session_ids,
+        dedup_key=reach.keys,
+        stalls_of=reach.stalls_of,
+        stall_type=SESSION_STALL,
+        all_of=reach.all_of,
+    )
     for r in await conn.fetch(*detections):
         # After `active`, DetectionRow's fields in its order (a test checks it): built
         # positionally, ~230 rows a batch cost a third of building them from dicts.

@@ -61,16 +61,27 @@ SELECT false, NULL, NULL, c.*, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, N
 FROM created AS c;
 
 -- name: batch_detections
--- The active detections of the batch's sessions, locked (after their sessions,
--- by batch_start), and per dedup key the detection resolved last: what late
--- news counts on. `active` tells the two apart; the other columns are
--- DetectionRow's, in its order. The resolved ones are one index probe per key
--- (LIMIT 1 in idx_detections_resolved_by_key's order), so that no plan, with
--- statistics or without, reads more than a row per key.
+-- The active detections the batch can touch (worker.batch.Reach), locked (after
+-- their sessions, by batch_start): those of the signals' dedup keys, the stalls of
+-- the sessions with a lifecycle event, and everything of the archived sessions.
+-- Not every active detection of the batch's sessions: a session keeps one per
+-- anomaly type and fingerprint, more the longer it lives, and a row lock is written
+-- to the row's page. They are found among the sessions' active detections, on
+-- idx_detections_active_by_session: a probe of the unique index by key, planned
+-- while the tables were empty, was a walk of that index instead, for every key.
+-- Per dedup key also the detection resolved last: what late news counts on.
+-- `active` tells the two apart; the other columns are DetectionRow's, in its order.
+-- The resolved ones are one index probe per key (LIMIT 1 in
+-- idx_detections_resolved_by_key's order), so that no plan, with statistics or
+-- without, reads more than a row per key.
 WITH active AS (
     SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
            created_at, updated_at, resolved_at, resolved_by, resolution
-    FROM detections WHERE session_id = ANY(:session_ids::text[]) AND resolved_at IS NULL
+    FROM detections
+    WHERE session_id = ANY(:session_ids::text[]) AND resolved_at IS NULL
+      AND (dedup_key = ANY(:dedup_key::text[])
+           OR (anomaly_type = :stall_type::text AND session_id = ANY(:stalls_of::text[]))
+           OR session_id = ANY(:all_of::text[]))
     ORDER BY id
     FOR NO KEY UPDATE
 )

@@ -19,9 +19,12 @@ import pytest
 
 from tests.support import ROOT, Hub, now_iso, wait_until, with_database
 from worker import db, schema
-from worker.batch import DetectionRow
+from worker.batch import DetectionRow, Reach
 from worker.effects import apply_batch
 from worker.intake import decode
+
+# A batch that touches no detection.
+NOTHING = Reach(keys=[], stalls_of=[], all_of=[])
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +127,7 @@ async def race_signals(database_url: str, prefix: str, writers: int) -> list[Bas
             # up) before the start, so that on a loaded machine no writer starts so
             # late that it finds the others' detection committed.
             async with conn.transaction():
-                await db.load_snapshot(conn, [uuid4()], {"s": "sp"}, [])
+                await db.load_snapshot(conn, [uuid4()], {"s": "sp"}, NOTHING)
             await start.wait()
             async with conn.transaction():
                 await apply_batch(conn, prefix, [intake])
@@ -515,10 +518,10 @@ async def test_a_batch_that_waited_for_a_session_created_meanwhile_finds_and_loc
     try:
         creating = creator.transaction()
         await creating.start()
-        await db.load_snapshot(creator, [uuid4()], {"x": "sp"}, [])
+        await db.load_snapshot(creator, [uuid4()], {"x": "sp"}, NOTHING)
         loading = batch.transaction()
         await loading.start()
-        load = asyncio.create_task(db.load_snapshot(batch, [uuid4()], {"x": "sp"}, []))
+        load = asyncio.create_task(db.load_snapshot(batch, [uuid4()], {"x": "sp"}, NOTHING))
 
         async def waits_for_the_creator() -> bool:
             return bool(

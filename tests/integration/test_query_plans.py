@@ -121,7 +121,13 @@ def _hot_queries() -> dict[str, dict[str, Any]]:
             "id": [*sessions[:50], *(f"n-{i}" for i in range(50))],
             "spoke_id": spokes,
         },
-        "batch_detections": {"session_ids": sessions, "dedup_key": keys},
+        "batch_detections": {
+            "session_ids": sessions,
+            "dedup_key": keys,
+            "stalls_of": sessions[5:],
+            "stall_type": "SESSION_STALL",
+            "all_of": sessions[:5],
+        },
         "write_batch": {
             "ledger": events,
             "spoke_id": sorted(set(spokes)),

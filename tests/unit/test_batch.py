@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest.mock import patch
 from uuid import UUID, uuid4
 
-from worker.batch import DetectionRow, SessionRow, Snapshot, simulate
-from worker.domain import DeadLetterError, DeadLetterReason, dedup_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.batch import DetectionRow, Reach, SessionRow, Snapshot, reach, simulate
+from worker.domain import LIFECYCLES, SESSION_STALL, DeadLetterError, DeadLetterReason, dedup_key
 from worker.intake import Intake, decode
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -186,3 +192,89 @@ def test_the_ids_a_batch_makes_are_time_ordered() -> None:
     assert UUID(row.id).version == 7
     assert {json.loads(r.payload)["eventId"][14] for r in plan.outbound} == {"7"}
     assert {r.event_id.version for r in plan.outbound} == {7}
+
+
+# What a batch loads: `reach` against every active detection of its sessions.
+_KINDS = ("model_degradation", "high_error_count", "session_stall")
+_FINGERPRINTS = (None, "a", "b")
+_SESSIONS = ("s1", "s2", "s3")
+_signals = st.builds(
+    lambda kind, fingerprint, severity, session: (
+        f"signal.{kind}",
+        session,
+        {"severity": severity} | ({"fingerprint": fingerprint} if fingerprint else {}),
+    ),
+    st.sampled_from(_KINDS),
+    st.sampled_from(_FINGERPRINTS),
+    st.sampled_from(("low", "medium", "high")),
+    st.sampled_from(_SESSIONS),
+)
+_lifecycles = st.tuples(st.sampled_from(LIFECYCLES), st.sampled_from(_SESSIONS), st.just({}))
+# Active detections before the batch: (session, kind, fingerprint) of each.
+_existing = st.sets(
+    st.tuples(st.sampled_from(_SESSIONS), st.sampled_from(_KINDS), st.sampled_from(_FINGERPRINTS))
+)
+
+
+def _active_before(existing: set[tuple[str, str, str | None]]) -> dict[str, DetectionRow]:
+    rows = {}
+    for n, (session, kind, fingerprint) in enumerate(sorted(existing, key=str)):
+        key = dedup_key(kind.upper(), session, fingerprint)
+        rows[key] = DetectionRow(
+            id=f"d{n}",
+            session_id=session,
+            anomaly_type=kind.upper(),
+            severity="medium",
+            details=None,
+            dedup_key=key,
+            occurrence_count=2,
+            created_at=NOW - timedelta(hours=1, seconds=n),
+            updated_at=NOW - timedelta(hours=1),
+        )
+    return rows
+
+
+def _within(active: dict[str, DetectionRow], reached: Reach) -> dict[str, DetectionRow]:
+    """What batch_detections loads of `active`, by `reached`."""
+    return {
+        key: row
+        for key, row in active.items()
+        if key in reached.keys
+        or row.session_id in reached.all_of
+        or (row.session_id in reached.stalls_of and row.anomaly_type == SESSION_STALL)
+    }
+
+
+def _plan_of(batch: list[Intake], active: dict[str, DetectionRow]) -> list[object]:
+    """The plan `simulate` makes, its made-up ids counted from 1 (the random ones
+    order the new detections an archived resolves: `_auto_resolve`)."""
+    counted = (UUID(int=(7 << 76) | n) for n in itertools.count(1))
+    sessions = {s: SessionRow(s, "sp1") for s in _SESSIONS}
+    snap = snapshot(sessions=sessions, active={k: copy.copy(r) for k, r in active.items()})
+    with (
+        patch("worker.batch.uuid7", lambda: next(counted)),
+        patch("worker.outbound.uuid7", lambda: next(counted)),
+    ):
+        plan = simulate(P, batch, snap)
+    return [
+        plan.outcomes,
+        [vars(r) for r in plan.changed_detections.values()],
+        [vars(r) for r in plan.new_detections.values()],
+        [vars(r) for r in plan.outbound],
+    ]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    events=st.lists(st.one_of(_signals, _lifecycles), min_size=1, max_size=12),
+    existing=_existing,
+)
+def test_a_batch_needs_no_active_detection_beyond_its_reach(
+    events: list[tuple[str, str, dict[str, Any]]], existing: set[tuple[str, str, str | None]]
+) -> None:
+    """`simulate` on what `reach` loads plans what it plans on every active detection
+    of the batch's sessions (batch_detections loaded all of them before)."""
+    batch = [event(what, session, **fields) for what, session, fields in events]
+    active = _active_before(existing)
+    narrowed = _within(active, reach(batch))
+    assert _plan_of(batch, narrowed) == _plan_of(batch, active)
