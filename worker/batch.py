@@ -94,7 +94,7 @@ class Snapshot:
     applied: set[UUID]
     sessions: dict[str, SessionRow]
     mappings: dict[str, MappingRow]  # by session id
-    active: dict[str, DetectionRow]  # by dedup key: active detections of the batch's sessions
+    active: dict[str, DetectionRow]  # by dedup key: the active detections of its `Reach`
     newest_resolved: dict[str, DetectionRow]  # by dedup key, for the batch's signal keys
     # `active` by session, then dedup key: every lifecycle event looks for its session's
     # stall, and a scan of `active` each time grew with the batch's sessions. Both
