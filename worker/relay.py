@@ -22,6 +22,7 @@ PU_OUT) and try again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,6 +93,11 @@ class OutboxRelay:
         # NATS not taking publishes (a missing or full stream, a reconnect): wait it out,
         # from a second on: each attempt is a window of publishes and a log line.
         refused = Backoff(RELAY_RETRY_BASE_SECONDS, RECONNECT_MAX_SECONDS, stopping=stopping)
+        # A stop wakes the relay too, so that it waits on `wake` alone: a commit's
+        # wake resumes it in the loop's next turn, where two tasks waiting on the two
+        # events, made each cycle, took three turns.
+        stopper = asyncio.create_task(stopping.wait())
+        stopper.add_done_callback(lambda _: wake.set())
         try:
             while not stopping.is_set():
                 wake.clear()
@@ -99,16 +105,13 @@ class OutboxRelay:
                     await refused.sleep(refused.failed())
                     continue
                 refused.succeeded()
-                waiter = asyncio.create_task(wake.wait())
-                stopper = asyncio.create_task(stopping.wait())
                 # Polling covers a lost notification (e.g. across a reconnect).
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=RELAY_POLL_SECONDS, return_when="FIRST_COMPLETED"
-                )
-                waiter.cancel()
-                stopper.cancel()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RELAY_POLL_SECONDS):
+                        await wake.wait()
             await self.drain(conn)
         finally:
+            stopper.cancel()
             if not conn.is_closed():
                 await conn.remove_listener(NOTIFY_CHANNEL, on_notify)
 
