@@ -30,6 +30,9 @@ GRANT SELECT, INSERT, DELETE ON processed_events TO :"runtime_role";
 GRANT SELECT, INSERT, DELETE ON outbox TO :"runtime_role";
 -- Outbox rows JetStream refused for good are moved aside with the reason, and kept.
 GRANT SELECT, INSERT ON outbox_set_aside TO :"runtime_role";
+-- `hub-worker outbox republish` (run beside the worker, as this role) puts one back
+-- into the outbox and records when: that column only (FOR UPDATE needs it too).
+GRANT UPDATE (republished_at) ON outbox_set_aside TO :"runtime_role";
 
 -- Bad input is stored (and its id returned for the announcement).
 GRANT SELECT, INSERT ON dead_letters TO :"runtime_role";

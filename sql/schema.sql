@@ -99,7 +99,8 @@ CREATE TABLE public.outbox_set_aside (
     created_at timestamp with time zone NOT NULL,
     reason text NOT NULL,
     error text NOT NULL,
-    set_aside_at timestamp with time zone DEFAULT now() NOT NULL
+    set_aside_at timestamp with time zone DEFAULT now() NOT NULL,
+    republished_at timestamp with time zone
 );
 
 CREATE TABLE public.processed_events (

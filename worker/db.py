@@ -36,7 +36,7 @@ from worker.constants import (
 )
 from worker.domain import SESSION_STALL, Severity
 from worker.events import DetectionState
-from worker.outbound import OutboxRow
+from worker.outbound import DETECTION, MAPPING, OutboxRow, aggregate_of
 
 log = structlog.get_logger("worker.db")
 
@@ -188,6 +188,12 @@ class Queries:
     outbox_backlog: Query
     set_aside_outbox: Query
     relax_durability: Query
+    list_set_aside: Query
+    lock_set_aside: Query
+    detection_state: Query
+    mapping_state: Query
+    republish_set_aside: Query
+    republished_outcome: Query
     # dead_letters.sql
     insert_dead_letter: Query
     list_dead_letters: Query
@@ -435,6 +441,70 @@ async def set_aside_outbox(conn: Connection, rows: list[SetAside]) -> None:
                 error=[r.error for r in rows],
             )
         )
+
+
+@dataclass(frozen=True)
+class SetAsideRow:
+    """A row of outbox_set_aside, as `hub-worker outbox` shows it."""
+
+    id: int
+    event_id: UUID
+    subject: str
+    payload: bytes
+    aggregate: str
+    created_at: datetime
+    reason: str
+    error: str
+    set_aside_at: datetime
+    republished_at: datetime | None
+
+
+async def list_set_aside(conn: Connection, limit: int) -> list[SetAsideRow]:
+    """Newest first."""
+    rows = await conn.fetch(*queries().list_set_aside.bind(limit=limit))
+    return [SetAsideRow(*r) for r in rows]
+
+
+async def lock_set_aside(conn: Connection, set_aside_id: int) -> SetAsideRow | None:
+    """The row, locked until the caller's transaction ends; None when there is none."""
+    row = await conn.fetchrow(*queries().lock_set_aside.bind(id=set_aside_id))
+    return None if row is None else SetAsideRow(*row)
+
+
+async def aggregate_state(conn: Connection, aggregate: str) -> dict[str, Any] | None:
+    """The committed state of the detection or mapping an outbox row is about, by field
+    name, locked FOR SHARE until the caller's transaction ends; None when it has none
+    (a dead letter's announcement) or it is gone."""
+    kind, ident = aggregate_of(aggregate)
+    if kind == DETECTION:
+        row = await conn.fetchrow(*queries().detection_state.bind(id=ident))
+    elif kind == MAPPING:
+        row = await conn.fetchrow(*queries().mapping_state.bind(session_id=ident))
+    else:
+        return None
+    return None if row is None else dict(row)
+
+
+async def republish_set_aside(conn: Connection, set_aside_id: int) -> int | None:
+    """Put a set-aside row back into the outbox; its new outbox id, None when it was
+    republished before."""
+    new_id = await conn.fetchval(*queries().republish_set_aside.bind(id=set_aside_id))
+    return None if new_id is None else int(new_id)
+
+
+@dataclass(frozen=True)
+class Republished:
+    """What became of a republished row, by its new outbox id."""
+
+    id: int
+    pending: bool  # still in the outbox
+    reason: str | None  # set aside again, for this reason
+    error: str | None
+
+
+async def republished_outcome(conn: Connection, ids: list[int]) -> list[Republished]:
+    rows = await conn.fetch(*queries().republished_outcome.bind(id=ids))
+    return [Republished(*r) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel
@@ -17,7 +18,9 @@ from worker.events import (
     DeadLetterEvent,
     DetectionEscalatedEvent,
     DetectionEvent,
+    DetectionState,
     MappingEvent,
+    MappingState,
     OutboundEvent,
 )
 from worker.ids import uuid7
@@ -91,6 +94,44 @@ def _dict_serializer(model: type[BaseModel]) -> SchemaSerializer:
 _DETECTION_EVENT = _dict_serializer(DetectionEvent)
 _DETECTION_ESCALATED_EVENT = _dict_serializer(DetectionEscalatedEvent)
 _MAPPING_EVENT = _dict_serializer(MappingEvent)
+_STATES = {"detection": _dict_serializer(DetectionState), "mapping": _dict_serializer(MappingState)}
+
+# What an outbox row is about (its `aggregate`): `detection:<id>`, `mapping:<sessionId>`
+# or `deadletter:<id>`, as the functions below write it.
+DETECTION, MAPPING, DEAD_LETTER = "detection", "mapping", "deadletter"
+Standing = Literal["current", "superseded", "announcement", "unreadable"]
+
+
+def aggregate_of(aggregate: str) -> tuple[str, str]:
+    """(kind, id) of an outbox row's `aggregate`."""
+    kind, _, ident = aggregate.partition(":")
+    return kind, ident
+
+
+def standing(payload: bytes, aggregate: str, state: Mapping[str, Any] | None) -> Standing:
+    """Whether an outbound event written earlier may be published now without showing
+    subscribers an older state than they were shown since (contract section 5: the
+    last event published for a detection carries its committed state).
+
+    `state` is the detection's or mapping's committed state now (`DetectionState`'s or
+    `MappingState`'s fields by name; None: it is gone). `current`: the event carries
+    it, so nothing changed since (every change moves `updatedAt` or a count, and
+    writes an event that carries the new state); `superseded`: it changed since;
+    `announcement`: a dead letter's, which has no state; `unreadable`: not an event
+    this worker wrote.
+    """
+    kind, _ = aggregate_of(aggregate)
+    if kind == DEAD_LETTER:
+        return "announcement"
+    try:
+        carried = json.loads(payload).get(kind) if kind in _STATES else None
+    except (ValueError, AttributeError):
+        carried = None
+    if not isinstance(carried, dict):
+        return "unreadable"
+    if state is None:
+        return "superseded"
+    return "current" if carried == json.loads(_STATES[kind].to_json(state)) else "superseded"
 
 
 def detection_changed(
@@ -131,7 +172,7 @@ def detection_changed(
             }
         )
     subject = detection_subject(prefix, change, detection["severity"], detection["anomaly_type"])
-    return OutboxRow(event_id, subject, payload, f"detection:{detection['id']}")
+    return OutboxRow(event_id, subject, payload, f"{DETECTION}:{detection['id']}")
 
 
 def mapping_changed(
@@ -155,7 +196,7 @@ def mapping_changed(
         }
     )
     subject = mapping_subject(prefix, mapping["status"], mapping["session_id"])
-    return OutboxRow(event_id, subject, payload, f"mapping:{mapping['session_id']}")
+    return OutboxRow(event_id, subject, payload, f"{MAPPING}:{mapping['session_id']}")
 
 
 def dead_lettered(
@@ -195,5 +236,5 @@ def dead_lettered(
         event_id,
         deadletter_subject(prefix, reason),
         _json(body),
-        f"deadletter:{dead_letter_id}",
+        f"{DEAD_LETTER}:{dead_letter_id}",
     )

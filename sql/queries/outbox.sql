@@ -55,3 +55,58 @@ ON CONFLICT (id) DO NOTHING;
 -- name: relax_durability
 -- For the relay's own connection: its commits only delete published rows.
 SET synchronous_commit = off;
+
+-- `hub-worker outbox` (worker/cli/outbox.py): the rows set aside, and putting one
+-- back once its cause is fixed.
+
+-- name: list_set_aside
+SELECT id, event_id, subject, payload, aggregate, created_at, reason, error, set_aside_at,
+       republished_at
+FROM outbox_set_aside ORDER BY id DESC LIMIT :limit;
+
+-- name: lock_set_aside
+-- One row to republish, locked: two operators republishing it at once take turns.
+SELECT id, event_id, subject, payload, aggregate, created_at, reason, error, set_aside_at,
+       republished_at
+FROM outbox_set_aside WHERE id = :id FOR UPDATE;
+
+-- name: detection_state
+-- A detection as committed now, DetectionState's fields in its order. FOR SHARE: a
+-- change to it waits until the republished event is in the outbox, so the change's
+-- own events come after it.
+SELECT id, session_id, anomaly_type, severity, details, dedup_key, occurrence_count,
+       created_at, updated_at, resolved_at, resolved_by, resolution
+FROM detections WHERE id = :id FOR SHARE;
+
+-- name: mapping_state
+-- A session's mapping as committed now, MappingState's fields in its order (FOR SHARE:
+-- as detection_state).
+SELECT id, session_id, spoke_id, workspace_id, parent_session_id, task_id, task, status,
+       created_at, updated_at
+FROM mappings WHERE session_id = :session_id FOR SHARE;
+
+-- name: republish_set_aside
+-- Back into the outbox as it was written (the same eventId, so the same Nats-Msg-Id),
+-- the relay notified; the set-aside row records when. The new outbox row's id, or
+-- none when the row was republished already. Should JetStream refuse it again, the
+-- relay sets it aside again under that id.
+WITH marked AS (
+    UPDATE outbox_set_aside SET republished_at = now()
+    WHERE id = :id AND republished_at IS NULL
+    RETURNING event_id, subject, payload, aggregate
+), again AS (
+    INSERT INTO outbox (event_id, subject, payload, aggregate)
+    SELECT event_id, subject, payload, aggregate FROM marked
+    RETURNING id
+)
+SELECT id, pg_notify('hub_worker_outbox', '') FROM again;
+
+-- name: republished_outcome
+-- What became of republished rows (their new outbox ids): still in the outbox, set
+-- aside again (with the reason), or neither: published.
+SELECT r.id,
+       EXISTS (SELECT 1 FROM outbox WHERE outbox.id = r.id) AS pending,
+       a.reason, a.error
+FROM unnest(:id::bigint[]) AS r (id)
+LEFT JOIN outbox_set_aside AS a ON a.id = r.id
+ORDER BY r.id;

@@ -743,3 +743,114 @@ def test_alert_lines_color_the_severity_on_a_terminal() -> None:
     colored = alert_line(event, color=True)
     assert "\x1b[1;31mhigh  \x1b[0m" in colored
     assert re.sub(r"\x1b\[[0-9;]*m", "", colored) == plain
+
+
+async def out_max_msg_size(hub: Hub, size: int) -> None:
+    """PU_OUT's largest message: what makes the relay set an event aside, and its fix."""
+    config = (await hub.js.stream_info(hub.settings.out_stream)).config
+    config.max_msg_size = size
+    await hub.js.update_stream(config)
+
+
+async def test_outbox_lists_what_was_set_aside_and_republishes_what_is_still_current(
+    hub: Hub,
+) -> None:
+    await hub.start_worker()
+    spoke = Spoke(hub.nc, "sp1", prefix=hub.prefix)
+    await spoke.heartbeat("s1")
+    await spoke.heartbeat("s2")
+    await hub.settle()
+    assert (await cli(hub, "outbox")).err == "no outbound events set aside\n"
+
+    # PU_OUT takes 2 KB at most for now: both detections' `opened` events go aside.
+    await out_max_msg_size(hub, 2048)
+    big = {"log": "x" * 4096}
+    await spoke.signal("s1", "model_degradation", "high", big)
+    await spoke.signal("s2", "high_error_count", "low", big)
+    await wait_until(
+        lambda: hub.value("SELECT count(*) = 2 FROM outbox_set_aside"), what="two rows set aside"
+    )
+    # s2's detection changes after: its `repeated` event (small details) is published.
+    await spoke.signal("s2", "high_error_count", "low", {"log": "short"})
+    await hub.settle()
+
+    listed = await cli(hub, "outbox")
+    assert (listed.code, listed.err) == (0, "")
+    header, *lines = listed.lines()
+    assert header.split() == [
+        "ID",
+        "SET",
+        "ASIDE",
+        "REASON",
+        "SUBJECT",
+        "BYTES",
+        "STANDING",
+        "REPUBLISHED",
+        "ERROR",
+    ]
+    rows = (await cli(hub, "outbox", "list", "--json")).json
+    # The two sessions' lanes commit in either order.
+    s1_opened, s2_opened = sorted(rows, key=lambda r: "high_error_count" in r["subject"])
+    assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
+    assert [(r["reason"], r["standing"], r["republishedAt"]) for r in (s1_opened, s2_opened)] == [
+        ("too_large", "current", None),
+        ("too_large", "superseded", None),
+    ]
+    assert sorted(w for line in lines for w in line.split() if w in ("current", "superseded")) == [
+        "current",
+        "superseded",
+    ]
+    assert json.loads(base64.b64decode(s1_opened["payloadBase64"]))["detection"]["details"] == big
+
+    # The cause fixed, s1's event goes out with its own eventId; s2's is refused: its
+    # subscribers have seen the newer state, two occurrences.
+    await out_max_msg_size(hub, -1)
+    republished = await cli(
+        hub, "outbox", "republish", str(s1_opened["id"]), str(s2_opened["id"]), "999999"
+    )
+    assert republished.code == 3
+    assert republished.out.startswith(f"republished outbox row {s1_opened['id']} (too_large)")
+    assert "published outbox row" in republished.out.splitlines()[-1]
+    refusals = republished.err.splitlines()
+    assert refusals == [
+        f"hub-worker outbox: outbox row {s2_opened['id']} is superseded: its "
+        f"{s2_opened['aggregate']} changed since, and subscribers were sent the newer state",
+        "hub-worker outbox: no outbox row set aside with id 999999",
+    ]
+    opened = await hub.outbound(f"{hub.prefix}.detection.opened.>")
+    assert [(o.body["eventId"], o.body["detection"]["details"]) for o in opened] == [
+        (s1_opened["eventId"], big)
+    ]
+    assert await hub.value("SELECT count(*) FROM outbox") == 0
+
+    # Once only; the table says when.
+    again = await cli(hub, "outbox", "republish", str(s1_opened["id"]))
+    assert again.code == 3
+    assert f"outbox row {s1_opened['id']} was republished at " in again.err
+    after = {r["id"]: r["republishedAt"] for r in (await cli(hub, "outbox", "--json")).json}
+    assert after[s2_opened["id"]] is None
+    assert after[s1_opened["id"]] is not None
+
+
+async def test_a_republished_event_refused_again_is_set_aside_again(hub: Hub) -> None:
+    await hub.start_worker()
+    spoke = Spoke(hub.nc, "sp1", prefix=hub.prefix)
+    await out_max_msg_size(hub, 2048)
+    await spoke.signal("s1", "model_degradation", "high", {"log": "x" * 4096})
+    await wait_until(
+        lambda: hub.value("SELECT count(*) = 1 FROM outbox_set_aside"), what="a row set aside"
+    )
+    [row] = (await cli(hub, "outbox", "--json")).json
+    # The cause not fixed: the relay refuses it again, and it is a new row.
+    republished = await cli(hub, "outbox", "republish", str(row["id"]))
+    assert republished.code == 1
+    [new] = [r for r in (await cli(hub, "outbox", "--json")).json if r["id"] != row["id"]]
+    assert (new["eventId"], new["reason"], new["standing"]) == (
+        row["eventId"],
+        "too_large",
+        "current",
+    )
+    assert republished.err == (
+        f"hub-worker outbox: outbox row {new['id']} (was {row['id']}) was set aside again: "
+        f"too_large ({new['error']})\n"
+    )

@@ -24,7 +24,13 @@ from worker.events import (
     MappingEvent,
     MappingState,
 )
-from worker.outbound import _dict_serializer, dead_lettered, detection_changed, mapping_changed
+from worker.outbound import (
+    _dict_serializer,
+    dead_lettered,
+    detection_changed,
+    mapping_changed,
+    standing,
+)
 from worker.subjects import detection_subject, mapping_subject
 
 CREATED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -614,3 +620,50 @@ def test_the_dict_serializer_refuses_what_a_dict_would_be_written_differently_fo
 ) -> None:
     with pytest.raises(TypeError):
         _dict_serializer(model)
+
+
+def test_a_set_aside_event_is_current_only_while_it_carries_the_committed_state() -> None:
+    """`standing`: what `hub-worker outbox republish` lets out again."""
+    row = DetectionRow(
+        id="d1",
+        session_id="s1",
+        anomaly_type="MODEL_DEGRADATION",
+        severity="low",
+        details={"n": 1.5, "nested": [1, None]},
+        dedup_key="k",
+        occurrence_count=1,
+        created_at=CREATED,
+        updated_at=CREATED,
+    )
+    opened = detection_changed("hub", "opened", vars(row), CAUSE)
+    assert standing(opened.payload, opened.aggregate, vars(row)) == "current"
+    # A later event of the same transaction (same updatedAt) moved the count on.
+    later = vars(row) | {"occurrence_count": 2}
+    assert standing(opened.payload, opened.aggregate, later) == "superseded"
+    assert standing(opened.payload, opened.aggregate, vars(row) | {"updated_at": UPDATED}) == (
+        "superseded"
+    )
+    assert standing(opened.payload, opened.aggregate, None) == "superseded"  # gone
+
+    mapping = MappingRow("m1", "s1", "sp1", None, None, None, "t", "active", None, CREATED, CREATED)
+    created = mapping_changed("hub", vars(mapping), None, CAUSE)
+    assert standing(created.payload, created.aggregate, vars(mapping)) == "current"
+    ended = vars(mapping) | {"status": "completed", "updated_at": UPDATED}
+    assert standing(created.payload, created.aggregate, ended) == "superseded"
+
+    announced = dead_lettered(
+        "hub",
+        dead_letter_id=7,
+        occurred_at=CREATED,
+        causation_id=None,
+        reason="invalid_json",
+        error="not JSON",
+        subject="hub.spoke.x.session.y.heartbeat",
+        deliveries=1,
+        payload=b"{",
+        announced_bytes=100,
+    )
+    assert standing(announced.payload, announced.aggregate, None) == "announcement"
+    for payload in (b"x" * 10, b"\xff\xfe", b"[1]", b'{"mapping": 1}', b"{}"):
+        assert standing(payload, "mapping:s1", vars(mapping)) == "unreadable"
+    assert standing(opened.payload, "other:d1", vars(row)) == "unreadable"

@@ -9,10 +9,11 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -22,6 +23,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from worker import db, schema
+from worker.cli.arguments import parse_positive_int
 from worker.config import ConfigError, NatsAuth, Settings
 from worker.connection import connect_options
 
@@ -83,6 +85,50 @@ def command_parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(ops_command=name)
+    return parser
+
+
+def listing_actions(
+    parser: argparse.ArgumentParser,
+    listed: str,
+    options: Callable[[argparse.ArgumentParser, Any], None] | None = None,
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The actions of a command that lists by default, with `--limit` and `--json` and
+    any `options(parser, default)` of its own; `list` spelled out takes them too (their
+    defaults are the command's, SUPPRESSed after `list`, so that either place counts)."""
+    for into, default, limit in (
+        (parser, None, 50),
+        (after := argparse.ArgumentParser(add_help=False), argparse.SUPPRESS, argparse.SUPPRESS),
+    ):
+        if options is not None:
+            options(into, default)
+        into.add_argument(
+            "--limit", type=parse_positive_int, default=limit, metavar="N", help="default: 50"
+        )
+        into.add_argument(
+            "--json", action="store_true", default=default, help="a JSON array, payloads included"
+        )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", parents=[after], help=f"list {listed} (the default)")
+    return actions
+
+
+def action_parser(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    description: str,
+    epilog: str,
+) -> argparse.ArgumentParser:
+    """An action of a command (`deadletters replay`), its ids as positional arguments."""
+    parser = actions.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("ids", nargs="+", type=parse_positive_int, metavar="ID")
     return parser
 
 

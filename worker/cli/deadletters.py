@@ -14,17 +14,18 @@ import nats.errors
 import nats.js.errors
 
 from worker import db
-from worker.cli.arguments import parse_positive_int
 from worker.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_REFUSED,
     CommandFailed,
     Endpoints,
+    action_parser,
     command_parser,
     database,
     describe,
     error,
+    listing_actions,
     nats_connection,
     stamp,
     table,
@@ -65,15 +66,9 @@ REPLAY_ACK_TIMEOUT_SECONDS = 5.0
 DEAD_LETTER_REASONS = tuple(reason.value for reason in DeadLetterReason)
 
 
-def _list_options(parser: argparse.ArgumentParser, default: Any, limit: Any) -> None:
+def _reason_option(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--reason", choices=DEAD_LETTER_REASONS, default=default, help="only this reason"
-    )
-    parser.add_argument(
-        "--limit", type=parse_positive_int, default=limit, metavar="N", help="default: 50"
-    )
-    parser.add_argument(
-        "--json", action="store_true", default=default, help="a JSON array, payloads included"
     )
 
 
@@ -86,19 +81,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "their cause is fixed.",
         DEADLETTERS_EPILOG,
     )
-    _list_options(parser, None, 50)
-    after = argparse.ArgumentParser(add_help=False)
-    _list_options(after, argparse.SUPPRESS, argparse.SUPPRESS)
-    actions = parser.add_subparsers(dest="action", metavar="ACTION")
-    actions.add_parser("list", parents=[after], help="list dead letters (the default)")
-    replay = actions.add_parser(
+    actions = listing_actions(parser, "dead letters", _reason_option)
+    action_parser(
+        actions,
         "replay",
-        help="republish dead letters to their original subjects",
-        description="Republish dead letters to their original subjects.",
-        epilog=REPLAY_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "republish dead letters to their original subjects",
+        "Republish dead letters to their original subjects.",
+        REPLAY_EPILOG,
     )
-    replay.add_argument("ids", nargs="+", type=parse_positive_int, metavar="ID")
 
 
 def _dead_letter_json(letter: db.DeadLetter) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The operator commands of `hub-worker`: publish, alerts, detections, resolve, deadletters,
-status.
+outbox, status.
 
 `register(commands)` adds them to the `hub-worker` argument parser (its
 sub-parsers action) and `await dispatch(args, settings, endpoints)` runs the one
@@ -8,7 +8,8 @@ chosen, returning the exit code:
 - 0 done;
 - 1 failed (a server unreachable, no worker answering, an unexpected reply);
 - 2 usage (a bad or missing argument, a missing endpoint);
-- 3 not found or refused (the resolve command's refusals, unknown dead letters).
+- 3 not found or refused (the resolve command's refusals, unknown dead letters, outbox
+  rows that may not be republished).
 
 Errors are one sentence on stderr, prefixed with the command; results go to
 stdout. Database commands apply pending migrations first, like `accounts`.
@@ -23,7 +24,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
-from worker.cli import alerts, deadletters, detections, publish, status
+from worker.cli import alerts, deadletters, detections, outbox, publish, status
 from worker.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -44,6 +45,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     alerts.register(commands)
     detections.register(commands)  # and resolve
     deadletters.register(commands)
+    outbox.register(commands)
     status.register(commands)
 
 
@@ -77,13 +79,14 @@ _HANDLERS: dict[str, Handler] = {
     "detections": detections.run_detections,
     "resolve": detections.run_resolve,
     "deadletters": deadletters.run_deadletters,
+    "outbox": outbox.run_outbox,
     "status": status.run_status,
 }
 COMMANDS = frozenset(_HANDLERS)
 
 
 # The commands that read or write the database (the others need NATS only).
-DATABASE_COMMANDS = frozenset({"detections", "deadletters", "status"})
+DATABASE_COMMANDS = frozenset({"detections", "deadletters", "outbox", "status"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
