@@ -74,7 +74,14 @@ async def migrate(conn: db.Connection) -> list[str]:
     files = migration_files()
     applied: set[str] = set()
     if await conn.fetchval(*q.migrations_table_exists.bind()):
-        applied = {r["version"] for r in await conn.fetch(*q.applied_migrations.bind())}
+        try:
+            applied = {r["version"] for r in await conn.fetch(*q.applied_migrations.bind())}
+        except asyncpg.InsufficientPrivilegeError as err:
+            # The owner is migrating: it created the table and grants this role its
+            # rights only after the last migration.
+            raise MigrationsPending(
+                f"migrations are being applied and this role may not read them yet ({err})"
+            ) from None
         if all(version in applied for version, _ in files):
             return []
     await conn.execute(*q.lock_migrations.bind(**_MIGRATION_LOCK))

@@ -36,7 +36,7 @@ import pytest
 import trustme
 
 from tests.support import open_hub, start_hub_worker
-from worker import app, db
+from worker import app, db, schema
 from worker.config import Settings, with_password
 from worker.embedded import EmbeddedPostgres, free_port, postgres_bin_dir
 
@@ -227,6 +227,29 @@ async def run_cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]
     output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode is not None
     return process.returncode, output.decode()
+
+
+async def test_the_runtime_role_waits_while_the_owner_is_half_way_through_migrating(
+    secured_hub: Hub, settings: Settings
+) -> None:
+    """The owner creates schema_migrations first and grants the runtime role only after
+    the last migration: a runtime role polling in between could not read the table, and
+    `run` failed instead of waiting (seen once in the per-message suite)."""
+    hub = secured_hub
+    settings = runtime_settings(hub, settings)
+    assert settings.database_url is not None
+    owner = await db.connect(with_password(hub.dsn(hub.owner), hub.passwords[hub.owner]))
+    try:
+        await owner.execute(*db.queries().create_migrations_table.bind())
+        stopping = asyncio.Event()
+        waiting = asyncio.create_task(app.migrate(settings.database_url, stopping))
+        await asyncio.sleep(1.5)
+        assert not waiting.done(), waiting.exception()
+        await schema.migrate(owner)
+        await schema.grant_runtime(owner, hub.runtime)
+        assert await asyncio.wait_for(waiting, timeout=30) == []
+    finally:
+        await owner.close()
 
 
 async def test_worker_runs_as_the_runtime_role_over_tls_with_dml_only(
