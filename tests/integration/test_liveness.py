@@ -296,9 +296,11 @@ async def test_the_lane_gauges_are_reported_once_per_lane_across_replicas(hub: H
         ]
         if nothing_waits and any(pending):
             return False  # not sampled since the hub settled yet
-        return sorted(map(frozenset, owners.values())) == sorted(
+        # Compared as sets: sorted() orders frozensets by inclusion, so two disjoint
+        # ones stay in the order given, and the owners' order is not the ports'.
+        return set(map(frozenset, owners.values())) == {
             frozenset(found[port]["hub_worker_lane_lag_seconds"]) for port in ports
-        )
+        }
 
     async def settled_once_per_lane() -> bool:
         return await once_per_lane(nothing_waits=True)
