@@ -94,11 +94,11 @@ def _dict_serializer(model: type[BaseModel]) -> SchemaSerializer:
 _DETECTION_EVENT = _dict_serializer(DetectionEvent)
 _DETECTION_ESCALATED_EVENT = _dict_serializer(DetectionEscalatedEvent)
 _MAPPING_EVENT = _dict_serializer(MappingEvent)
-_STATES = {"detection": _dict_serializer(DetectionState), "mapping": _dict_serializer(MappingState)}
 
 # What an outbox row is about (its `aggregate`): `detection:<id>`, `mapping:<sessionId>`
 # or `deadletter:<id>`, as the functions below write it.
 DETECTION, MAPPING, DEAD_LETTER = "detection", "mapping", "deadletter"
+_STATES = {DETECTION: _dict_serializer(DetectionState), MAPPING: _dict_serializer(MappingState)}
 Standing = Literal["current", "superseded", "announcement", "unreadable"]
 
 

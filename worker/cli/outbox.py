@@ -109,15 +109,18 @@ def _row_json(row: db.SetAsideRow, state: Standing) -> dict[str, Any]:
     }
 
 
+async def _standing(conn: db.Connection, row: db.SetAsideRow) -> Standing:
+    """The row's standing against its detection's or mapping's state now (locked FOR
+    SHARE until the caller's transaction ends)."""
+    return standing(row.payload, row.aggregate, await db.aggregate_state(conn, row.aggregate))
+
+
 async def run_outbox(args: argparse.Namespace, settings: Settings, endpoints: Endpoints) -> int:
     if args.action == "republish":
         return await _republish(args, endpoints)
     async with database(endpoints) as conn:
         rows = await db.list_set_aside(conn, args.limit)
-        standings = [
-            standing(row.payload, row.aggregate, await db.aggregate_state(conn, row.aggregate))
-            for row in rows
-        ]
+        standings = [await _standing(conn, row) for row in rows]
     if args.json:
         print(json.dumps([_row_json(r, s) for r, s in zip(rows, standings, strict=True)]))
         return EXIT_OK
@@ -187,7 +190,7 @@ async def _put_back(conn: db.Connection, set_aside_id: int) -> tuple[int, db.Set
                 f"outbox row {row.id} was republished at {stamp(row.republished_at)}; "
                 "set aside again, it is a new row (`hub-worker outbox`)"
             )
-        state = standing(row.payload, row.aggregate, await db.aggregate_state(conn, row.aggregate))
+        state = await _standing(conn, row)
         if state not in REPUBLISHABLE:
             return (
                 f"outbox row {row.id} is {state}: its {row.aggregate} changed since, and "
