@@ -153,6 +153,32 @@ async def test_any_lifecycle_event_resolves_the_session_stall(hub: Hub) -> None:
     ]
 
 
+async def test_what_a_later_batch_ends_is_found_in_the_database(hub: Hub) -> None:
+    """A batch loads only the detections it can touch (worker.batch.Reach): a lifecycle
+    event's stalls, a spoke's fingerprinted one too, and everything of an archive, all
+    committed by earlier batches."""
+    await hub.start_worker()
+    await hub.send("sp1", "s1", "signal.session_stall", severity="low", fingerprint="spoke")
+    await hub.send("sp1", "s1", "signal.model_degradation", severity="low")
+    await hub.send("sp1", "s2", "signal.high_error_count", severity="high")
+    await hub.send("sp1", "s2", "signal.model_degradation", severity="low", fingerprint="x")
+    await hub.settle()
+
+    await hub.send("sp1", "s1", "heartbeat")
+    await hub.send("sp1", "s2", "archived")
+    await hub.settle()
+    rows = await hub.rows(
+        "SELECT session_id, anomaly_type, resolution FROM detections"
+        " ORDER BY session_id, anomaly_type"
+    )
+    assert rows == [
+        {"session_id": "s1", "anomaly_type": "MODEL_DEGRADATION", "resolution": None},
+        {"session_id": "s1", "anomaly_type": "SESSION_STALL", "resolution": "auto_resolved"},
+        {"session_id": "s2", "anomaly_type": "HIGH_ERROR_COUNT", "resolution": "auto_resolved"},
+        {"session_id": "s2", "anomaly_type": "MODEL_DEGRADATION", "resolution": "auto_resolved"},
+    ]
+
+
 async def test_last_activity_only_moves_forward_and_never_past_now(hub: Hub) -> None:
     await hub.start_worker()
     now = datetime.now(UTC)
