@@ -312,3 +312,46 @@ async def test_the_relay_reads_the_outbox_once_when_the_read_saw_every_row(hub: 
         assert await hub.value("SELECT count(*) FROM outbox") == 0
     finally:
         await conn.close()
+
+
+async def test_events_of_one_aggregate_reach_the_stream_in_order_when_a_window_fails(
+    hub: Hub,
+) -> None:
+    """Contract: events about one detection or mapping are published in the order of
+    the changes. Here ten mappings have four outbox rows each, interleaved, and PU_OUT
+    takes 15 messages and then refuses (discard new): each mapping's first rows go
+    out, the window that fails stops the rest, and no mapping has a later row in the
+    stream while an earlier one is missing, neither then nor after the retry."""
+    bus = Bus(hub.nc, hub.settings)
+    await bus.ensure_streams()
+    out = hub.settings.out_stream
+    config = (await hub.js.stream_info(out)).config
+    await hub.js.update_stream(dataclasses.replace(config, max_msgs=15, discard=DiscardPolicy.NEW))
+    relay = OutboxRelay(bus, hub.prefix, Metrics())
+    conn = await db.connect(hub.database_url, application_name="tests")
+    subject = f"{hub.prefix}.mapping.completed"
+    for step in range(4):
+        for mapping in range(10):
+            body = json.dumps({"mapping": mapping, "step": step}).encode()
+            await insert_outbox(hub, subject, body, f"mapping:m{mapping}")
+
+    async def published() -> dict[int, list[int]]:
+        steps: dict[int, list[int]] = {}
+        for seq in range(1, (await hub.js.stream_info(out)).state.messages + 1):
+            body = json.loads((await hub.js.get_msg(out, seq)).data or b"{}")
+            steps.setdefault(body["mapping"], []).append(body["step"])
+        return steps
+
+    try:
+        assert not await relay.drain(conn)  # the stream refused the 16th
+        so_far = await published()
+        assert sum(len(s) for s in so_far.values()) == 15
+        for steps in so_far.values():
+            assert steps == list(range(len(steps))), so_far
+        assert await hub.value("SELECT count(*) FROM outbox") == 40 - 15
+
+        await hub.js.update_stream(dataclasses.replace(config, max_msgs=-1))
+        assert await relay.drain(conn)
+        assert await published() == {mapping: [0, 1, 2, 3] for mapping in range(10)}
+    finally:
+        await conn.close()
