@@ -7,6 +7,8 @@ lanes themselves are `worker.partitions`.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import json
 import re
@@ -36,9 +38,12 @@ from worker.connection import NATS_ERRORS, ConnectionUnusable, ConnectionWatch, 
 from worker.constants import (
     ACK_WAIT_SECONDS,
     DUPLICATE_WINDOW_SECONDS,
-    FETCH_READY_TIMEOUT_SECONDS,
+    FETCH_WAIT_SECONDS,
     MAX_ACK_PENDING,
     PUBLISH_ACK_TIMEOUT_SECONDS,
+    PULL_AHEAD_MIN,
+    PULL_EXPIRES_SECONDS,
+    PULL_EXPIRY_GRACE_SECONDS,
 )
 from worker.partitions import Lane
 from worker.subjects import (
@@ -71,6 +76,141 @@ class Position:
     # False for a consumer with explicit acks, which an older worker may still
     # make during a rolling upgrade: then every message is acked.
     acks_all: bool
+
+
+class StandingPull:
+    """A lane's pull requests, kept open ahead of it, as nats.go's `Consume` does.
+
+    A pull per batch costs a round trip before the first message and, at a
+    trickle, a request and a status per batch on the server. Here requests
+    for `ahead` messages stay outstanding, each expiring after
+    PULL_EXPIRES_SECONDS; `take` tops them up once half are served, so the
+    next batch is already in the client when a transaction ends.
+
+    The server serves requests in order and sends nothing when one is served
+    in full; a request that expires answers 408, one the server drops
+    (consumer deleted, leadership change, too many waiting) 409. The model of
+    what is outstanding errs toward asking again: a status retires the oldest
+    request; a 409, a reconnect (the server may have lost the requests) or a
+    request past its expiry retires them all. Over-asking is harmless: the
+    consumer's max_ack_pending bounds what it delivers. A 503 (no responders:
+    the consumer or stream is gone) and any other error status are raised as
+    nats-py's `fetch` raises them, for the lane's backoff and repair.
+
+    Reads nats-py's pending queue directly (nats-py 2.16): `next_msg` creates
+    a task and a timer per message.
+    """
+
+    def __init__(self, subscription: PullSubscription, batch_max: int) -> None:
+        sub = subscription._sub
+        assert sub is not None
+        self._subscription = subscription
+        self._sub = sub
+        self._queue = sub._pending_queue
+        self._ahead = max(2 * batch_max, PULL_AHEAD_MIN)
+        # [monotonic time the request is past expiry, messages it still owes]
+        self._requests: collections.deque[list[float]] = collections.deque()
+        self._reconnects = subscription._nc.stats["reconnects"]
+        self._closed = False
+        # An error status, raised once the messages taken before it are handled.
+        self._failure: Exception | None = None
+
+    @property
+    def outstanding(self) -> int:
+        """Messages asked for and not yet taken (buffered here, or still to come),
+        as far as the model knows: what the standing pull holds the lane to."""
+        return int(sum(owed for _, owed in self._requests))
+
+    async def take(self, most: int) -> list[Msg]:
+        """Up to `most` messages: those that are here, or the first to come.
+
+        Waits at most FETCH_WAIT_SECONDS for one, then raises TimeoutError.
+        """
+        if self._closed:
+            raise nats.errors.BadSubscriptionError("the lane's pull is closed")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + FETCH_WAIT_SECONDS
+        taken: list[Msg] = []
+        while True:
+            while len(taken) < most and not self._queue.empty() and self._failure is None:
+                self._accept(self._queue.get_nowait(), taken)
+            if taken:
+                if self._failure is None:
+                    # Ask for what follows now: it flows in while the lane works.
+                    await self._top_up()
+                return taken
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+            await self._top_up()
+            now = loop.time()
+            if now >= give_up:
+                raise TimeoutError
+            wake = min(give_up, self._requests[0][0]) if self._requests else give_up
+            try:
+                async with asyncio.timeout_at(wake):
+                    msg = await self._queue.get()
+            except TimeoutError:
+                continue
+            self._accept(msg, taken)
+
+    def _accept(self, msg: Msg, taken: list[Msg]) -> None:
+        self._sub._pending_size -= len(msg.data)
+        self._queue.task_done()
+        status = JetStreamContext.is_status_msg(msg)
+        if not status:
+            taken.append(msg)
+            if self._requests:
+                head = self._requests[0]
+                head[1] -= 1
+                if head[1] <= 0:
+                    self._requests.popleft()
+            return
+        if status == "408":  # the oldest request expired
+            if self._requests:
+                self._requests.popleft()
+        elif status == "409":  # dropped by the server: all may be
+            self._requests.clear()
+        elif status in ("100", "404"):  # a heartbeat; nothing (no_wait)
+            pass
+        else:  # 503 no responders, 400...: the lane's consumer cannot serve
+            self._requests.clear()
+            self._failure = nats.js.errors.APIError.from_msg(msg)
+
+    async def _top_up(self) -> None:
+        nc = self._subscription._nc
+        now = asyncio.get_running_loop().time()
+        if nc.stats["reconnects"] != self._reconnects:
+            # The server may have lost the requests with the connection.
+            self._reconnects = nc.stats["reconnects"]
+            self._requests.clear()
+        while self._requests and self._requests[0][0] <= now:
+            self._requests.popleft()  # expired and its 408 lost
+        outstanding = self.outstanding
+        if outstanding > self._ahead // 2:
+            return
+        batch = self._ahead - outstanding
+        request = json.dumps(
+            {"batch": batch, "expires": int(PULL_EXPIRES_SECONDS * 1_000_000_000)}
+        ).encode()
+        await nc.publish(self._subscription._nms, request, self._subscription._deliver)
+        self._requests.append([now + PULL_EXPIRES_SECONDS + PULL_EXPIRY_GRACE_SECONDS, batch])
+
+    async def close(self) -> None:
+        """Give back what is buffered and stop receiving; requests left die with the inbox."""
+        if self._closed:
+            return
+        self._closed = True
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            self._sub._pending_size -= len(msg.data)
+            self._queue.task_done()
+            if not JetStreamContext.is_status_msg(msg):
+                with contextlib.suppress(*NATS_ERRORS):
+                    await msg.nak()
+        self._requests.clear()
+        with contextlib.suppress(*NATS_ERRORS):
+            await self._subscription.unsubscribe()
 
 
 def age_seconds(stored: datetime | None) -> float:
@@ -308,56 +448,10 @@ class Bus:
             return None
         return first.time
 
-    async def pull(self, lane: Lane) -> PullSubscription:
-        return await self.js.pull_subscribe_bind(lane.durable, self.settings.events_stream)
-
-    @staticmethod
-    async def take_ready(subscription: PullSubscription, most: int) -> list[Msg]:
-        """Up to `most` messages the lane's consumer has ready now, without waiting for more.
-
-        One pull request with `no_wait` and no `expires`: the server sends what it
-        has and a 404 status, at once. nats-py's `fetch(n, timeout)` instead asks
-        with `expires` when its queue is empty, which the server takes for a
-        lingering pull, so a trickle waited the whole timeout for a batch that
-        never filled, and left a 408 to come back later. Messages already in the
-        subscription's queue (delivered for an earlier request) come first, in
-        delivery order. Reads nats-py's pending queue directly (nats-py 2.16):
-        `next_msg` creates a task and a timer per message.
-        """
-        sub = subscription._sub
-        assert sub is not None
-        queue = sub._pending_queue
-        taken: list[Msg] = []
-
-        def ready() -> Msg | None:
-            while not queue.empty():
-                msg = queue.get_nowait()
-                sub._pending_size -= len(msg.data)
-                queue.task_done()
-                if not JetStreamContext.is_status_msg(msg):
-                    return msg
-            return None
-
-        while len(taken) < most and (msg := ready()) is not None:
-            taken.append(msg)
-        if len(taken) >= most:
-            return taken
-        request = json.dumps({"batch": most - len(taken), "no_wait": True}).encode()
-        await subscription._nc.publish(subscription._nms, request, subscription._deliver)
-        while len(taken) < most:
-            if queue.empty():
-                try:
-                    msg = await sub.next_msg(timeout=FETCH_READY_TIMEOUT_SECONDS)
-                except nats.errors.TimeoutError:
-                    break  # the answer was lost (a reconnect): take what came
-            else:
-                msg = queue.get_nowait()
-                sub._pending_size -= len(msg.data)
-                queue.task_done()
-            if JetStreamContext.is_status_msg(msg):
-                break  # 404 (nothing more), or a stale status of an earlier request
-            taken.append(msg)
-        return taken
+    async def pull(self, lane: Lane, batch_max: int) -> StandingPull:
+        """Bind to the lane's consumer, with pull requests kept open ahead of the lane."""
+        subscription = await self.js.pull_subscribe_bind(lane.durable, self.settings.events_stream)
+        return StandingPull(subscription, batch_max)
 
     async def out_stream_subjects(self) -> list[str] | None:
         """What PU_OUT captures, or None when the stream does not exist."""

@@ -31,14 +31,22 @@ HANDLER_ATTEMPTS = 5
 HANDLER_RETRY_BASE_SECONDS = 0.2
 HANDLER_RETRY_MAX_SECONDS = 5.0
 
-# Pull consumer: how long one fetch waits on the server for messages,
-# seconds. A lane applies a fetched batch (HUB_BATCH_MAX messages at most)
-# well within ACK_WAIT_SECONDS.
+# How long a lane waits for a message before it looks again whether it is
+# still its own (released, its database connection lost), seconds. A lane
+# applies a batch (HUB_BATCH_MAX messages at most) well within ACK_WAIT_SECONDS.
 FETCH_WAIT_SECONDS = 1.0
-# Once a message arrived, the lane takes what else is ready at once (a no-wait
-# pull, see Bus.take_ready) instead of waiting to fill the batch; its answer is
-# given up on after this long (lost across a reconnect), seconds.
-FETCH_READY_TIMEOUT_SECONDS = 1.0
+# A lane keeps pull requests open for the next 2 x HUB_BATCH_MAX messages, and
+# at least this many (worker.bus.StandingPull): the next batch is in the client
+# when a transaction ends, and a trickle waits for no request. What is buffered
+# counts against the ack wait; a drain takes 2 x 200 messages in tens of ms.
+PULL_AHEAD_MIN = 32
+# Each pull request expires on the server after this long, seconds, and is
+# renewed: a request lost without a word (a server restart the client did not
+# see as a reconnect) costs at most this long.
+PULL_EXPIRES_SECONDS = 5.0
+# A request is taken for gone this long after it should have expired, when
+# its 408 has not come, seconds.
+PULL_EXPIRY_GRACE_SECONDS = 1.0
 # A lane waits at most this long for a turn of the batch transaction
 # (HUB_LANE_TURNS, worker.lanes.Turnstile), then goes without one, seconds:
 # a lane holding its turn for long (waiting out a locked database) holds up

@@ -40,10 +40,9 @@ import structlog
 from nats.aio.msg import Msg
 
 from worker import db
-from worker.bus import Bus, PullSubscription
+from worker.bus import Bus, StandingPull
 from worker.connection import NATS_ERRORS
 from worker.constants import (
-    FETCH_WAIT_SECONDS,
     GROUP_ALONE_AFTER_SECONDS,
     LANE_CLAIM_INTERVAL_SECONDS,
     LANE_OWNER_BEAT_SECONDS,
@@ -377,9 +376,9 @@ class LaneManager:
             owned.task = asyncio.create_task(self._run_lane(owned), name=self.lanes[key].durable)
             self.owned[key] = owned
 
-    async def _repair(self, lane: Lane, subscription: PullSubscription) -> PullSubscription:
+    async def _repair(self, lane: Lane, subscription: StandingPull) -> StandingPull:
         try:
-            repaired = await _rebind(self.bus, lane, subscription)
+            repaired = await _rebind(self.bus, lane, subscription, self.batch_max)
         except NATS_ERRORS as err:
             log.warning(
                 "lane.repair_failed", action="lane.repair", lane=lane.durable, error=str(err)
@@ -403,6 +402,7 @@ class LaneManager:
     async def _run_lane(self, owned: _Owned) -> None:
         lane, conn = owned.lane, owned.conn
         log.info("lane.owned", action="lane.claim", lane=lane.durable)
+        subscription: StandingPull | None = None
         try:
             # The consumer numbers its deliveries 1, 2, 3...: a number skipped
             # is a delivery lost on the way (a NATS restart, a reconnect), or
@@ -412,7 +412,7 @@ class LaneManager:
             # instead of applying out of order. Counted from the take-over on.
             position = await self.bus.take_over(lane)
             next_delivery: int | None = position.next_delivery
-            subscription = await self.bus.pull(lane)
+            subscription = await self.bus.pull(lane, self.batch_max)
             # Exhausted after REPAIR_AFTER_FAILURES: then each failure repairs the lane.
             fetching = Backoff(
                 RECONNECT_BASE_SECONDS,
@@ -420,17 +420,17 @@ class LaneManager:
                 stopping=owned.release,
                 limit=REPAIR_AFTER_FAILURES,
             )
-            # Whether the last fetch brought messages: then more are likely waiting.
-            busy = False
             while not owned.release.is_set():
                 if conn.is_closed():
                     # Terminated (a peer took us for hung) or cut: the lock is
                     # gone, so is the lane. Fetch nothing more from its consumer.
                     raise LaneLost("the lane's database connection is closed")
                 try:
-                    batch = await _fetch(subscription, self.batch_max, busy=busy)
+                    # The turn of the transaction is taken afterwards, by the
+                    # batch's group (worker.groups), which other lanes join
+                    # while it waits.
+                    batch = await subscription.take(self.batch_max)
                 except TimeoutError:
-                    busy = False
                     continue
                 except NATS_ERRORS as err:
                     delay = fetching.failed()
@@ -449,7 +449,6 @@ class LaneManager:
                         # bind afresh.
                         subscription = await self._repair(lane, subscription)
                     continue
-                busy = True
                 fetching.succeeded()
                 deliveries = [delivery(m).consumer_sequence for m in batch]
                 expected = deliveries[0] if next_delivery is None else next_delivery
@@ -464,7 +463,7 @@ class LaneManager:
                     await _give_back(batch)
                     position = await self.bus.take_over(lane)
                     next_delivery = position.next_delivery
-                    subscription = await _rebind(self.bus, lane, subscription)
+                    subscription = await _rebind(self.bus, lane, subscription, self.batch_max)
                     continue
                 next_delivery = deliveries[-1] + 1
                 self.metrics.batch_size.observe(len(batch))
@@ -480,12 +479,15 @@ class LaneManager:
                     await _give_back(batch)
                     raise
                 self.handled += len(batch)
-            await subscription.unsubscribe()
         except _LANE_ENDING_ERRORS as err:
             log.warning("lane.lost", action="lane.lost", lane=lane.durable, error=str(err))
         except NATS_ERRORS as err:
             log.warning("lane.nats_failed", action="lane.lost", lane=lane.durable, error=str(err))
         finally:
+            # What the standing pull buffered goes back before the lock does,
+            # so the next owner is not left waiting out the ack wait for it.
+            if subscription is not None:
+                await subscription.close()
             # Stop reporting the lane before its lock goes: then its next owner
             # is the only one to report it.
             owned.release.set()
@@ -497,33 +499,11 @@ class LaneManager:
             log.info("lane.released", action="lane.release", lane=lane.durable)
 
 
-async def _fetch(subscription: PullSubscription, batch_max: int, *, busy: bool) -> list[Msg]:
-    """Wait for the next message, then take whatever else is already there.
-
-    A single fetch of `batch_max` would hold the first message back until the
-    batch is full or the fetch expires: fine for a backlog, a second of
-    latency for a trickle. A trickle waits for nothing: a batch is what came
-    while the lane was busy with the previous one. A `busy` lane (its last
-    fetch brought messages) almost always finds more waiting: it asks for
-    them at once, with one no-wait pull instead of a waiting pull for the
-    first and another for the rest, and waits only when that finds none.
-    The turn of the transaction is taken afterwards, by the batch's group
-    (worker.groups), which other lanes join while it waits.
-    """
-    if busy and (batch := await Bus.take_ready(subscription, batch_max)):
-        return batch
-    first = await subscription.fetch(1, timeout=FETCH_WAIT_SECONDS)
-    if batch_max == 1:
-        return first
-    return first + await Bus.take_ready(subscription, batch_max - 1)
-
-
-async def _rebind(bus: Bus, lane: Lane, old: PullSubscription) -> PullSubscription:
-    with contextlib.suppress(*NATS_ERRORS):
-        await old.unsubscribe()
+async def _rebind(bus: Bus, lane: Lane, old: StandingPull, batch_max: int) -> StandingPull:
+    await old.close()
     await bus.ensure_streams()
     await bus.ensure_consumer(lane)
-    return await bus.pull(lane)
+    return await bus.pull(lane, batch_max)
 
 
 async def _give_back(batch: list[Msg]) -> None:
