@@ -44,6 +44,7 @@ from worker.constants import (
     PULL_AHEAD_MIN,
     PULL_EXPIRES_SECONDS,
     PULL_EXPIRY_GRACE_SECONDS,
+    PULL_MAX_BYTES,
 )
 from worker.partitions import Lane
 from worker.subjects import (
@@ -57,6 +58,10 @@ from worker.wire import publication, send_publications
 log = structlog.get_logger("worker.bus")
 
 PullSubscription = JetStreamContext.PullSubscription
+# The 409s with which nats-server ends a request that has max_bytes, besides
+# the 408 of one that expired: each says what it leaves unserved.
+_ENDED = frozenset({"Batch Completed", "Message Size Exceeds MaxBytes"})
+_UNSERVED = "Nats-Pending-Messages"
 
 # What the lanes' consumers are made with; one made with another (by an older
 # version, before `all`) is recreated at its ack floor by `ensure_consumer`.
@@ -83,19 +88,26 @@ class StandingPull:
 
     A pull per batch costs a round trip before the first message and, at a
     trickle, a request and a status per batch on the server. Here requests
-    for `ahead` messages stay outstanding, each expiring after
-    PULL_EXPIRES_SECONDS; `take` tops them up once half are served, so the
-    next batch is already in the client when a transaction ends.
+    for `ahead` messages (2 x batch_max, at least PULL_AHEAD_MIN) stay open,
+    each expiring after PULL_EXPIRES_SECONDS and bringing PULL_MAX_BYTES at
+    most; `take` tops them up once half are taken, so the next batch is
+    already in the client when a transaction ends. What the lane holds,
+    buffered or still to come, never exceeds `ahead`.
 
-    The server serves requests in order and sends nothing when one is served
-    in full; a request that expires answers 408, one the server drops
-    (consumer deleted, leadership change, too many waiting) 409. The model of
-    what is outstanding errs toward asking again: a status retires the oldest
-    request; a 409, a reconnect (the server may have lost the requests) or a
+    The server hands messages out round robin over the open requests and,
+    since every request has max_bytes, ends each with a status: a 409 "Batch
+    Completed" once served in full, a 408 at expiry, a 409 at its byte
+    budget, each saying in Nats-Pending-Messages what it leaves unserved;
+    another 409 when it drops them (consumer deleted, leadership change,
+    shutdown). So the model keeps the total still owed and the expiry of each
+    open request; it cannot tell which request a message served, nor needs to.
+    It errs toward asking again: a status without the count, any other 409,
+    a reconnect (a killed server cannot say its requests are gone) or a
     request past its expiry retires them all. Over-asking is harmless: the
     consumer's max_ack_pending bounds what it delivers. A 503 (no responders:
     the consumer or stream is gone) and any other error status are raised as
-    nats-py's `fetch` raises them, for the lane's backoff and repair.
+    nats-py's `fetch` raises them, for the lane's backoff and repair, once
+    the messages taken before it are returned.
 
     Reads nats-py's pending queue directly (nats-py 2.16): `next_msg` creates
     a task and a timer per message.
@@ -108,8 +120,9 @@ class StandingPull:
         self._sub = sub
         self._queue = sub._pending_queue
         self._ahead = max(2 * batch_max, PULL_AHEAD_MIN)
-        # [monotonic time the request is past expiry, messages it still owes]
-        self._requests: collections.deque[list[float]] = collections.deque()
+        # When each open request is past its expiry (monotonic), oldest first.
+        self._requests: collections.deque[float] = collections.deque()
+        self._owed = 0  # messages asked for and not yet taken
         self._reconnects = subscription._nc.stats["reconnects"]
         self._closed = False
         # An error status, raised once the messages taken before it are handled.
@@ -119,7 +132,7 @@ class StandingPull:
     def outstanding(self) -> int:
         """Messages asked for and not yet taken (buffered here, or still to come),
         as far as the model knows: what the standing pull holds the lane to."""
-        return int(sum(owed for _, owed in self._requests))
+        return self._owed
 
     async def take(self, most: int) -> list[Msg]:
         """Up to `most` messages: those that are here, or the first to come.
@@ -146,7 +159,7 @@ class StandingPull:
             now = loop.time()
             if now >= give_up:
                 raise TimeoutError
-            wake = min(give_up, self._requests[0][0]) if self._requests else give_up
+            wake = min(give_up, self._requests[0]) if self._requests else give_up
             try:
                 async with asyncio.timeout_at(wake):
                     msg = await self._queue.get()
@@ -160,22 +173,30 @@ class StandingPull:
         status = JetStreamContext.is_status_msg(msg)
         if not status:
             taken.append(msg)
-            if self._requests:
-                head = self._requests[0]
-                head[1] -= 1
-                if head[1] <= 0:
-                    self._requests.popleft()
+            self._owed = max(0, self._owed - 1)
             return
-        if status == "408":  # the oldest request expired
-            if self._requests:
+        headers = msg.headers or {}
+        unserved = headers.get(_UNSERVED, "")
+        if status == "408" or headers.get("Description") in _ENDED:
+            # One request ended; which one does not matter, as the oldest
+            # expires first and counts only its expiry.
+            if self._requests and unserved.isdigit():
                 self._requests.popleft()
+                self._owed = max(0, self._owed - int(unserved))
+            else:
+                self._forget()
         elif status == "409":  # dropped by the server: all may be
-            self._requests.clear()
+            self._forget()
         elif status in ("100", "404"):  # a heartbeat; nothing (no_wait)
             pass
         else:  # 503 no responders, 400...: the lane's consumer cannot serve
-            self._requests.clear()
+            self._forget()
             self._failure = nats.js.errors.APIError.from_msg(msg)
+
+    def _forget(self) -> None:
+        """Take every request for gone: the next top-up asks for all of `ahead`."""
+        self._requests.clear()
+        self._owed = 0
 
     async def _top_up(self) -> None:
         nc = self._subscription._nc
@@ -183,18 +204,27 @@ class StandingPull:
         if nc.stats["reconnects"] != self._reconnects:
             # The server may have lost the requests with the connection.
             self._reconnects = nc.stats["reconnects"]
-            self._requests.clear()
-        while self._requests and self._requests[0][0] <= now:
-            self._requests.popleft()  # expired and its 408 lost
+            self._forget()
+        if self._requests and self._requests[0] <= now:
+            self._forget()  # expired and its 408 lost
         outstanding = self.outstanding
         if outstanding > self._ahead // 2:
             return
         batch = self._ahead - outstanding
         request = json.dumps(
-            {"batch": batch, "expires": int(PULL_EXPIRES_SECONDS * 1_000_000_000)}
+            {
+                "batch": batch,
+                "expires": int(PULL_EXPIRES_SECONDS * 1_000_000_000),
+                # Bytes, as well as messages, are what a lane holds ahead: a
+                # spoke's 1 MiB messages would otherwise fill the buffer past
+                # nats-py's limit, whose drops would rewind the lane over and
+                # over. One message as large as the server allows always fits.
+                "max_bytes": max(PULL_MAX_BYTES, 2 * nc.max_payload),
+            }
         ).encode()
         await nc.publish(self._subscription._nms, request, self._subscription._deliver)
-        self._requests.append([now + PULL_EXPIRES_SECONDS + PULL_EXPIRY_GRACE_SECONDS, batch])
+        self._requests.append(now + PULL_EXPIRES_SECONDS + PULL_EXPIRY_GRACE_SECONDS)
+        self._owed += batch
 
     async def close(self) -> None:
         """Give back what is buffered and stop receiving; requests left die with the inbox."""
@@ -208,7 +238,7 @@ class StandingPull:
             if not JetStreamContext.is_status_msg(msg):
                 with contextlib.suppress(*NATS_ERRORS):
                     await msg.nak()
-        self._requests.clear()
+        self._forget()
         with contextlib.suppress(*NATS_ERRORS):
             await self._subscription.unsubscribe()
 

@@ -47,6 +47,11 @@ PULL_EXPIRES_SECONDS = 5.0
 # A request is taken for gone this long after it should have expired, when
 # its 408 has not come, seconds.
 PULL_EXPIRY_GRACE_SECONDS = 1.0
+# Bytes one pull request may bring (at least twice the server's max_payload):
+# with two requests open, a lane buffers ~16 MiB at most even when every
+# message is as large as the server takes. The bench mix's 400 messages ahead
+# are ~0.2 MiB.
+PULL_MAX_BYTES = 8 * 1024 * 1024
 # A lane waits at most this long for a turn of the batch transaction
 # (HUB_LANE_TURNS, worker.lanes.Turnstile), then goes without one, seconds:
 # a lane holding its turn for long (waiting out a locked database) holds up

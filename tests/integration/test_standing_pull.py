@@ -86,6 +86,12 @@ async def consumer(nats_url: str) -> AsyncIterator[Consumer]:
         await nc.close()
 
 
+def _buffered_messages(pull: StandingPull) -> int:
+    """Messages in the client's queue, not counting the server's statuses."""
+    queue = pull._subscription._sub._pending_queue
+    return sum(not JetStreamContext.is_status_msg(m) for m in queue._queue)  # type: ignore[attr-defined]
+
+
 async def _first_take_times_out(pull: StandingPull) -> None:
     with pytest.raises(TimeoutError):
         await pull.take(BATCH_MAX)
@@ -111,7 +117,7 @@ async def test_a_backlog_is_buffered_no_further_than_ahead(consumer: Consumer) -
     pull = await consumer.pull()
     first = await pull.take(BATCH_MAX)
     await asyncio.sleep(0.3)  # let whatever was asked for arrive
-    buffered = pull._subscription.pending_msgs
+    buffered = _buffered_messages(pull)
     # The first take takes what has come so far; it tops up only once half of
     # what is held ahead has been taken. Everything asked for has come.
     assert buffered == pull.outstanding <= 2 * BATCH_MAX
@@ -123,6 +129,10 @@ async def test_a_backlog_is_buffered_no_further_than_ahead(consumer: Consumer) -
     # A full batch taken is one top-up: never more than one request per batch.
     assert len(consumer.requests) <= 500 // BATCH_MAX + 1, len(consumer.requests)
     assert all(r["batch"] <= 2 * BATCH_MAX for r in consumer.requests)
+    # Every request was served in full (a "Batch Completed" 409 each) but for
+    # what is still open: the model asked for no message twice.
+    asked = sum(int(r["batch"]) for r in consumer.requests)  # type: ignore[call-overload]
+    assert asked <= 500 + 2 * BATCH_MAX, asked
 
 
 async def test_expired_requests_are_renewed(
@@ -197,7 +207,7 @@ async def test_closing_gives_back_what_is_buffered(consumer: Consumer) -> None:
         first += await pull.take(5 - len(first))
     await first[-1].ack()
     await asyncio.sleep(0.3)
-    assert pull._subscription.pending_msgs == 25
+    assert _buffered_messages(pull) == 25
     await pull.close()
     info = await consumer.js.consumer_info(consumer.stream, "lane")
     # The server dropped the requests of the closed inbox at once.
@@ -215,3 +225,49 @@ async def test_closing_gives_back_what_is_buffered(consumer: Consumer) -> None:
     again = await consumer.take_all(successor, 25, within=3)
     assert sorted(m.metadata.sequence.stream for m in again) == list(range(6, 31))
     await successor.close()
+
+
+async def test_large_messages_are_held_ahead_by_bytes_not_only_by_count(
+    consumer: Consumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each request brings at most twice the server's max_payload (1 MiB here).
+    monkeypatch.setattr(worker.bus, "PULL_MAX_BYTES", 1)
+    budget = 2 * consumer.nc.max_payload
+    body = b"x" * (600 * 1024)
+    for _ in range(30):
+        await consumer.js.publish(consumer.subject, body)
+    pull = await consumer.pull()
+    taken = await pull.take(BATCH_MAX)
+    await asyncio.sleep(0.5)  # let whatever was asked for arrive
+    # Two requests open at most: far below the 40 messages (24 MiB) asked for by count.
+    assert pull._subscription.pending_bytes <= 2 * budget, pull._subscription.pending_bytes
+    await taken[-1].ack()
+    rest = await consumer.take_all(pull, 30 - len(taken))
+    assert [m.metadata.sequence.stream for m in taken + rest] == list(range(1, 31))
+
+
+async def test_a_request_ended_at_its_byte_budget_leaves_the_others_standing(
+    consumer: Consumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker.bus, "PULL_MAX_BYTES", 1)  # 2 MiB a request
+    large = b"x" * (700 * 1024)  # two fit a request, three do not
+    await consumer.publish(25)
+    for _ in range(2):
+        await consumer.js.publish(consumer.subject, large)
+    pull = await consumer.pull()
+    # The first request (40) brings all 27; taking 20 tops up a second (20).
+    for count in (20, 7):
+        taken: list[Msg] = []
+        while len(taken) < count:
+            taken += await pull.take(count - len(taken))
+        await taken[-1].ack()
+    assert pull.outstanding == 33
+    # The server serves its requests in turn: one of these two reaches the
+    # first request, which has no room for it, ends, and leaves it to the second.
+    for _ in range(2):
+        await consumer.js.publish(consumer.subject, large)
+    await consumer.take_all(pull, 2)
+    await consumer.publish(100)
+    await asyncio.sleep(0.3)  # let whatever was asked for arrive
+    # Only the first request is gone: the lane holds no more than ahead.
+    assert _buffered_messages(pull) == pull.outstanding <= 2 * BATCH_MAX
