@@ -28,12 +28,12 @@ committed after `alone_after` seconds (one member's sessions locked by someone
 else, a statement waiting out a lock) is cancelled and split the same way, so
 that a lane waiting on a lock holds up its group mates for no longer than that.
 A group holds at most `most` messages. A batch that is full by itself (a
-drain; every batch with HUB_BATCH_MAX=1) goes alone and only waits for a turn.
-The others go in groups one group at a time (`one_group`, a turn of its own,
+drain; every batch with HUB_BATCH_MAX=1) goes alone and at once: a turn is
+for a batch to grow while it waits, and a full one cannot. The others go in groups one group at a time (`one_group`, a turn of its own,
 as bounded as the rest): while a group commits, the next one forms, so at a
 steady rate a message waits for at most the transaction before its own,
-while full batches still overlap with each other, which is what keeps a
-drain's cores busy (docs/performance.md).
+while full batches overlap with each other and with the groups, which is
+what keeps a drain's cores busy (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -108,12 +108,10 @@ class CommitGroups(Generic[C, M, H]):
         Raises GroupFailed when applied in a group that did not commit; otherwise
         what `commit` returns or raises for these messages alone."""
         if len(messages) >= self.most:
-            held = await self.turns.acquire()
-            try:
-                return await commit(conn, messages)
-            finally:
-                if held:
-                    self.turns.release()
+            # A turn is for a batch to grow while it waits; a full one cannot,
+            # and the transactions of full batches in flight together are what
+            # keep a drain's two cores busy (docs/performance.md).
+            return await commit(conn, messages)
         forming = self._forming
         if forming is not None and forming.size + len(messages) <= self.most:
             member: _Member[M, H] = _Member(messages, asyncio.get_running_loop().create_future())

@@ -113,7 +113,7 @@ class Turnstile:
     long (waiting out a locked database) holds the others up for no longer than
     that, after which they go without a turn; so no message waits anywhere near
     its ack wait, and nothing can deadlock on a turn. Turns are handed over in
-    arrival order. `turns` 0: no limit.
+    arrival order. `turns` 0: no limit. A full batch takes none (worker.groups).
     """
 
     def __init__(self, turns: int, wait_seconds: float | None = None) -> None:

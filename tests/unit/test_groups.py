@@ -186,7 +186,7 @@ async def test_one_group_commits_at_a_time_the_next_forms_meanwhile_and_full_bat
     await asyncio.sleep(0)
     assert commits == [["a1"]]
     # A second turn is free, but partial batches wait for the group before theirs,
-    # forming the next group meanwhile; a full batch only needs a turn.
+    # forming the next group meanwhile; a full batch goes at once.
     b = asyncio.create_task(g.apply("b", ["b1"], commit))
     await asyncio.sleep(0)
     c = asyncio.create_task(g.apply("c", ["c1"], commit))
@@ -196,3 +196,20 @@ async def test_one_group_commits_at_a_time_the_next_forms_meanwhile_and_full_bat
     gate.set()
     await asyncio.wait_for(asyncio.gather(first, b, c), 5)
     assert commits == [["a1"], ["d1", "d2"], ["b1", "c1"]]
+
+
+async def test_a_full_batch_goes_without_waiting_for_a_turn() -> None:
+    turnstile = Turnstile(1, wait_seconds=NEVER)
+    assert await turnstile.acquire()  # the only turn, held by another lane's transaction
+    g = groups(turnstile, most=2)
+    database = Database()
+    # Waiting would not make it larger; it overlaps with the one in its turn.
+    assert await asyncio.wait_for(g.apply("a", ["a1", "a2"], database.commit), 5) == [
+        "a1@a",
+        "a2@a",
+    ]
+    partial = asyncio.create_task(g.apply("b", ["b1"], database.commit))
+    await asyncio.sleep(0.05)
+    assert not partial.done()  # a partial batch still waits for the turn
+    turnstile.release()
+    assert await asyncio.wait_for(partial, 5) == ["b1@b"]
