@@ -190,6 +190,7 @@ class Result:
     # (wait, statement) -> samples of a worker backend, and the samples taken.
     waits: Counter[tuple[str, str]] = field(default_factory=Counter)
     wait_samples: int = 0
+    timeline: list[Moment] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -197,6 +198,17 @@ class Result:
 
     def cpu_ms_per_event(self, process: str) -> float:
         return self.cpu[process] * 1000 / self.window_events if self.window_events else 0.0
+
+
+@dataclass
+class Moment:
+    """One sample of `--timeline`: where the drain is, and who is busy."""
+
+    at: float  # seconds into the drain's window
+    waiting: list[int]  # per lane: messages not yet acked (pending + ack pending)
+    outbox: int
+    backends: Counter[str]  # the worker's backends by state (active, idle in transaction)
+    cores: dict[str, float]  # CPU of each process since the sample before, in cores
 
 
 @dataclass
@@ -548,6 +560,47 @@ async def sample_waits(
         await admin.close()
 
 
+BACKENDS_SQL = """
+SELECT state, count(*) AS n FROM pg_stat_activity
+WHERE datname = $1 AND backend_type = 'client backend' AND application_name LIKE 'hub-worker%'
+GROUP BY state
+"""
+
+
+async def sample_timeline(
+    srv: Servers, stage: Stage, js: object, stream: str, result: Result, stop: asyncio.Event
+) -> None:
+    """Every 100 ms: each lane's backlog, the outbox, the worker's backends by state
+    and the cores each process used. Where a drain that does not fill the cores waits."""
+    admin = await asyncpg.connect(srv.admin_dsn)
+    conn = await asyncpg.connect(stage.dsn)
+    started = time.perf_counter()
+    before, then = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}, started
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+            try:
+                infos = await js.consumers_info(stream)  # type: ignore[attr-defined]
+            except Exception:
+                continue
+            waiting = [
+                i.num_pending + i.num_ack_pending
+                for i in sorted(infos, key=lambda i: i.name)
+                if not i.name.startswith("raw")
+            ]
+            outbox = await conn.fetchval("SELECT count(*) FROM outbox")
+            backends = Counter(
+                {r["state"]: r["n"] for r in await admin.fetch(BACKENDS_SQL, stage.database)}
+            )
+            now, after = time.perf_counter(), {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+            cores = {k: (after[k] - before[k]) / (now - then) for k in after}
+            result.timeline.append(Moment(now - started, waiting, outbox, backends, cores))
+            before, then = after, now
+    finally:
+        await conn.close()
+        await admin.close()
+
+
 async def drain(
     srv: Servers,
     mode: str,
@@ -558,6 +611,7 @@ async def drain(
     template: str | None = None,
     analyze: bool = False,
     waits: bool = False,
+    timeline: bool = False,
 ) -> Result:
     stage = Stage(srv.admin_dsn, srv.nats_url, mode, batch_max, workers, worker_root, template)
     await stage.create()
@@ -596,6 +650,11 @@ async def drain(
             if waits
             else None
         )
+        timeliner = (
+            asyncio.create_task(sample_timeline(srv, stage, js, stream, result, sampling))
+            if timeline
+            else None
+        )
         left_at_start = await outstanding(js, stream) or len(events)
         while True:
             await asyncio.sleep(0.05)
@@ -613,8 +672,9 @@ async def drain(
             if applied >= len(events):
                 break
         sampling.set()
-        if sampler is not None:
-            await sampler
+        for task in (sampler, timeliner):
+            if task is not None:
+                await task
         rss, cpu = stage.stop()
         statements = (
             await top_statements(srv, stage.database, worker_root) if srv.statements else []
@@ -789,6 +849,25 @@ def waits_table(r: Result, limit: int = 12) -> str:
     return "\n".join(lines)
 
 
+def timeline_table(r: Result) -> str:
+    lines = [
+        f"timeline of {r.mode}: lanes' unacked messages (min / max), outbox rows, "
+        "the worker's backends active / idle in a transaction, cores used",
+        f"{'s':>5} {'lanes':>12} {'lanes left':>10} {'outbox':>7} {'active':>6} {'in tx':>5}"
+        f" {'worker':>6} {'postgres':>8} {'nats':>5} {'total':>5}",
+    ]
+    for m in r.timeline:
+        busy = [n for n in m.waiting if n]
+        cores = [m.cores.get(k, 0.0) for k in ("worker", "postgres", "nats-server")]
+        lanes = f"{min(m.waiting, default=0)} / {max(m.waiting, default=0)}"
+        lines.append(
+            f"{m.at:5.1f} {lanes:>12} {len(busy):>10} {m.outbox:>7}"
+            f" {m.backends['active']:>6} {m.backends['idle in transaction']:>5}"
+            f" {cores[0]:6.2f} {cores[1]:8.2f} {cores[2]:5.2f} {sum(cores):5.2f}"
+        )
+    return "\n".join(lines)
+
+
 def statements_table(r: Result, limit: int = 10) -> str:
     total = sum(s.total_ms for s in r.statements) or 1.0
     lines = [
@@ -855,6 +934,12 @@ async def main() -> None:
         help="sample pg_stat_activity every 10 ms during each drain: what the worker's "
         "busy backends wait on, by statement",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="sample every 100 ms of the first drain: each lane's backlog, the outbox, the "
+        "worker's backends by state and the cores of each process",
+    )
     args = parser.parse_args()
     root = args.worker_root.resolve()
 
@@ -881,6 +966,7 @@ async def main() -> None:
                 events[: args.events],
                 worker_root=root,
                 waits=args.waits,
+                timeline=args.timeline,
             )
         ]
         if not args.skip_baseline:
@@ -932,6 +1018,9 @@ async def main() -> None:
             if r.wait_samples:
                 print()
                 print(waits_table(r))
+            if r.timeline:
+                print()
+                print(timeline_table(r))
 
         if args.rate:
             # Latency per inbound event as a subscriber sees it (bench/latency.py).
