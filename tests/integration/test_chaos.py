@@ -96,7 +96,7 @@ async def test_chaos(
             await hub.settle(within=240)
 
             expected = expect(stream)
-            await assert_tables_match(hub, expected)
+            await assert_tables_match(hub, expected, stream)
             outbound = await hub.outbound()
             await assert_outbound_matches_tables(hub, outbound)
             rewinds = sum(w.log().count('"action": "lane.rewind"') for w in hub.processes)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support import Hub, Outbound, wait_until
-from tests.support.workload import Expected, Published, expect, generate
+from tests.support.workload import Expected, Published, differences, events_of, expect, generate
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +25,22 @@ async def publish_all(hub: Hub, stream: list[Published]) -> None:
         )
 
 
-async def assert_tables_match(hub: Hub, expected: Expected) -> None:
+async def assert_tables_match(
+    hub: Hub, expected: Expected, stream: list[Published] | None = None
+) -> None:
+    """The tables say what the model says; on a difference, only the rows that differ
+    (and, given the `stream`, the events of their sessions)."""
     mappings = {r["session_id"]: r["status"] for r in await hub.rows("SELECT * FROM mappings")}
-    assert mappings == expected.mappings
+    assert_same("mappings", mappings, expected.mappings, stream)
     sessions = {r["id"]: r["status"] for r in await hub.rows("SELECT * FROM sessions")}
-    assert sessions == expected.sessions
+    assert_same("sessions", sessions, expected.sessions, stream)
     archived = {
         r["id"] for r in await hub.rows("SELECT id FROM sessions WHERE archived_at IS NOT NULL")
     }
-    assert archived == expected.archived
+    assert archived == expected.archived, (
+        f"archived only in the table: {sorted(archived - expected.archived)[:20]}, "
+        f"only in the model: {sorted(expected.archived - archived)[:20]}"
+    )
     detections = {
         (r["session_id"], r["anomaly_type"]): (
             r["occurrence_count"],
@@ -42,7 +49,7 @@ async def assert_tables_match(hub: Hub, expected: Expected) -> None:
         )
         for r in await hub.rows("SELECT * FROM detections")
     }
-    assert detections == expected.detections
+    assert_same("detections", detections, expected.detections, stream)
     assert (
         await hub.value(
             "SELECT count(*) FROM (SELECT dedup_key FROM detections WHERE resolved_at IS NULL"
@@ -50,6 +57,26 @@ async def assert_tables_match(hub: Hub, expected: Expected) -> None:
         )
         == 0
     )
+
+
+def assert_same(
+    what: str,
+    actual: dict[Any, Any],
+    expected: dict[Any, Any],
+    stream: list[Published] | None,
+) -> None:
+    if actual == expected:
+        return
+    report = f"{what} differ from the model: {differences(actual, expected)}"
+    if stream is not None:
+        keys = list(actual.keys() ^ expected.keys()) + [
+            k for k in actual.keys() & expected.keys() if actual[k] != expected[k]
+        ]
+        sessions = {k if isinstance(k, str) else k[0] for k in keys}
+        report += "\nthe events of the first of their sessions:\n" + events_of(
+            stream, set(sorted(sessions)[:5])
+        )
+    pytest.fail(report)
 
 
 async def assert_outbound_matches_tables(hub: Hub, events: list[Outbound]) -> None:

@@ -8,6 +8,7 @@ after an archive; the stall sweep and manual resolves are not involved.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,6 +83,35 @@ def generate(sessions: int, seed: int = 7, spokes: int = 5) -> list[Published]:
         if not queue:
             queues.remove(queue)
     return stream
+
+
+def differences(actual: Mapping[Any, Any], expected: Mapping[Any, Any], most: int = 20) -> str:
+    """What differs between two mappings, key by key, sorted and at most `most` of each kind.
+
+    For CI's log, whose tail is all one gets: pytest's full diff of two large dicts
+    in different orders is thousands of lines of reordering."""
+    missing = sorted(expected.keys() - actual.keys(), key=repr)
+    extra = sorted(actual.keys() - expected.keys(), key=repr)
+    changed = sorted(
+        (k for k in actual.keys() & expected.keys() if actual[k] != expected[k]), key=repr
+    )
+    lines = [
+        f"{len(actual)} actual against {len(expected)} expected: {len(missing)} missing, "
+        f"{len(extra)} unexpected, {len(changed)} different"
+    ]
+    lines += [f"  missing {k!r}: expected {expected[k]!r}" for k in missing[:most]]
+    lines += [f"  unexpected {k!r}: {actual[k]!r}" for k in extra[:most]]
+    lines += [f"  {k!r}: {actual[k]!r}, expected {expected[k]!r}" for k in changed[:most]]
+    return "\n".join(lines)
+
+
+def events_of(stream: list[Published], sessions: set[str]) -> str:
+    """The stream's events of `sessions`, in order: what a failed comparison needs next."""
+    return "\n".join(
+        f"  {e.session} {e.what} {e.body['eventId']} {e.body.get('severity', '')}".rstrip()
+        for e in stream
+        if e.session in sessions
+    )
 
 
 def expect(stream: list[Published]) -> Expected:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tests.support.workload import Published, expect, generate
+from tests.support.workload import Published, differences, expect, generate
 
 
 def ev(session: str, what: str, n: int, **fields: object) -> Published:
@@ -56,3 +56,15 @@ def test_generated_streams_keep_each_session_in_order() -> None:
         if "archived" in steps:
             assert steps.index("archived") > ends[0]
     assert len({e.body["eventId"] for e in stream}) == len(stream)
+
+
+def test_differences_name_only_the_keys_that_differ() -> None:
+    actual = {("a", "X"): (2, "low", False), ("b", "X"): (1, "low", True), ("c", "X"): 1}
+    expected = {("a", "X"): (1, "low", False), ("b", "X"): (1, "low", True), ("d", "X"): 1}
+    report = differences(actual, expected)
+    assert report.splitlines() == [
+        "3 actual against 3 expected: 1 missing, 1 unexpected, 1 different",
+        "  missing ('d', 'X'): expected 1",
+        "  unexpected ('c', 'X'): 1",
+        "  ('a', 'X'): (2, 'low', False), expected (1, 'low', False)",
+    ]
