@@ -59,11 +59,7 @@ async def test_chaos(
     faults: list[str] = []
     duplicates = 0
     try:
-        # The workload's sessions date from 2026-01: a run that outlasts a sweep
-        # interval (a loaded machine, the per-message mode) would find them all
-        # stalled, which is not what this test compares. The sweep has its own tests.
-        quiet_sweep = Settings(**{**settings.__dict__, "sweep_interval_seconds": 24 * 3600})
-        async with open_hub(quiet_sweep, dsn, url, tmp_path) as hub:
+        async with open_hub(settings, dsn, url, tmp_path) as hub:
             workers = [hub.spawn_worker_process(), hub.spawn_worker_process()]
             await hub.wait_ready()
             fault_at = sorted(rng.sample(range(len(stream) // 10, len(stream) * 9 // 10), 4))

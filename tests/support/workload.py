@@ -2,7 +2,8 @@
 
 The expectation is computed from the contract's rules alone (no worker code), for
 streams where every signal of a key arrives while its detection is active or
-after an archive; the stall sweep and manual resolves are not involved.
+after an archive; the stall sweep and manual resolves are not involved (the
+events are recent: see `generate`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,19 @@ class Expected:
     detections: dict[tuple[str, str], tuple[int, str, bool]] = field(default_factory=dict)
 
 
-def generate(sessions: int, seed: int = 7, spokes: int = 5) -> list[Published]:
+def generate(
+    sessions: int, seed: int = 7, spokes: int = 5, start: datetime | None = None
+) -> list[Published]:
     """Per session: spawned, started, signals and heartbeats, an end, often an archive,
-    sometimes a signal after the archive; sessions interleaved, each in its own order."""
+    sometimes a signal after the archive; sessions interleaved, each in its own order.
+
+    Each session's events are a second apart from `start`, by default a minute
+    before now: the stall sweep takes a session silent for HUB_STALL_AFTER_SECONDS
+    (600 in the tests) for stalled, and a worker sweeps once as it starts. With
+    events from a fixed date in the past, that first sweep opened a stall for every
+    session still active when it ran, if it ran after the first publishes."""
     rng = random.Random(seed)
-    base = datetime(2026, 1, 1, tzinfo=UTC)
+    base = start or datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
     queues: list[list[Published]] = []
     for n in range(sessions):
         spoke, session = f"spoke-{n % spokes}", f"sess-{n}"

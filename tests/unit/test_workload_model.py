@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from tests.support.workload import Published, differences, expect, generate
 
 
@@ -68,3 +70,11 @@ def test_differences_name_only_the_keys_that_differ() -> None:
         "  unexpected ('c', 'X'): 1",
         "  ('a', 'X'): (2, 'low', False), expected (1, 'low', False)",
     ]
+
+
+def test_generated_events_are_recent_so_that_no_sweep_of_a_run_finds_them_stalled() -> None:
+    # tests/conftest.py's settings take a session silent for 600 s for stalled, and a
+    # worker sweeps as it starts: events from a fixed past date raced that sweep.
+    now = datetime.now(UTC)
+    occurred = [datetime.fromisoformat(e.body["occurredAt"]) for e in generate(50)]
+    assert all(now - timedelta(seconds=120) <= t <= now for t in occurred)
