@@ -24,6 +24,10 @@ last outbound event published):
   postmaster's cutime+cstime) and of nats-server (embedded servers only);
 - the raw ceiling: a bare nats-py fetch(500)+ack loop over the same messages,
   right after the drain, on the same servers;
+- steal: cores the hypervisor took over the window; w.ran and w.queued: the
+  shares of the window the worker ran and was ready to run but waited for a core
+  (/proc schedstat), which tell a worker bound by its own loop (ran near 1) from
+  one that shares two cores with PostgreSQL and nats-server (ran + queued near 1);
 - the top statements by total time (pg_stat_statements, loaded into the
   benchmark's own PostgreSQL with shared_preload_libraries), named after the
   `-- name:` blocks of sql/queries.
@@ -185,6 +189,9 @@ class Result:
     cpu: dict[str, float] = field(default_factory=dict)
     raw_rate: float = 0.0
     steal: float = 0.0  # cores stolen by the hypervisor over the window
+    # Shares of the window the worker ran, and was ready to run but waited for a core.
+    worker_ran: float = 0.0
+    worker_queued: float = 0.0
     statements: list[Statement] = field(default_factory=list)
     batches: int = 0
     # (wait, statement) -> samples of a worker backend, and the samples taken.
@@ -254,6 +261,18 @@ def tree_cpu_seconds(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def run_delay_seconds(pid: int) -> float:
+    """Seconds a process's threads were ready to run and waited for a core, since each
+    started (/proc/<pid>/task/<tid>/schedstat: on-CPU ns, waiting ns, timeslices)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def proc_stats(pid: int) -> tuple[float, float]:
     """(peak RSS in MB, CPU seconds) of a live process."""
     rss = 0.0
@@ -311,6 +330,9 @@ class Stage:
 
     def worker_cpu_seconds(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.processes)
+
+    def worker_run_delay(self) -> float:
+        return sum(run_delay_seconds(p.pid) for p in self.processes)
 
     def start(self) -> None:
         env = self.env()
@@ -643,6 +665,7 @@ async def drain(
         started = time.perf_counter()
         before = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
         _, stolen_before = machine_seconds()
+        queued_before = stage.worker_run_delay()
         result = Result(mode, len(events))
         sampling = asyncio.Event()
         sampler = (
@@ -665,6 +688,7 @@ async def drain(
             elapsed = time.perf_counter() - started
             after = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
             _, stolen_after = machine_seconds()
+            queued_after = stage.worker_run_delay()
             applied = await conn.fetchval(
                 "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::uuid[])",
                 all_ids,
@@ -689,6 +713,9 @@ async def drain(
         result.cpu = {k: after[k] - before[k] for k in after}
         result.raw_rate, result.statements, result.batches = raw, statements, batches
         result.steal = (stolen_after - stolen_before) / elapsed
+        workers = max(1, len(stage.processes))
+        result.worker_ran = result.cpu["worker"] / elapsed / workers
+        result.worker_queued = (queued_after - queued_before) / elapsed / workers
         return result
     finally:
         stage.kill()
@@ -817,7 +844,8 @@ def cpu_table(rows: list[Result]) -> str:
     lines = [
         "CPU ms per event over each drain's window (first applied event to the last relayed)",
         f"{'mode':<22}{'events':>9}{'events/s':>10}{'raw/s':>8}{'ratio':>7}"
-        f"{'worker':>8}{'postgres':>10}{'nats':>7}{'total':>7}{'stmts/batch':>12}{'steal':>7}",
+        f"{'worker':>8}{'postgres':>10}{'nats':>7}{'total':>7}{'stmts/batch':>12}{'steal':>7}"
+        f"{'w.ran':>7}{'w.queued':>9}",
     ]
     for r in rows:
         worker, pg, ns = (
@@ -831,6 +859,7 @@ def cpu_table(rows: list[Result]) -> str:
             f"{r.mode:<22}{r.window_events:>9}{r.rate:>10.0f}{r.raw_rate:>8.0f}"
             f"{r.rate / r.raw_rate if r.raw_rate else 0:>7.2f}"
             f"{worker:>8.3f}{pg:>10.3f}{ns:>7.3f}{total:>7.3f}{per_batch:>12}{r.steal:>7.2f}"
+            f"{r.worker_ran:>7.2f}{r.worker_queued:>9.2f}"
         )
     return "\n".join(lines)
 
