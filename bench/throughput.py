@@ -589,6 +589,11 @@ GROUP BY state
 """
 
 
+def process_cpu(srv: Servers, stage: Stage) -> dict[str, float]:
+    """CPU seconds so far of the worker(s), PostgreSQL and nats-server, by process."""
+    return {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+
+
 async def sample_timeline(
     srv: Servers, stage: Stage, js: object, stream: str, result: Result, stop: asyncio.Event
 ) -> None:
@@ -597,7 +602,7 @@ async def sample_timeline(
     admin = await asyncpg.connect(srv.admin_dsn)
     conn = await asyncpg.connect(stage.dsn)
     started = time.perf_counter()
-    before, then = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}, started
+    before, then = process_cpu(srv, stage), started
     try:
         while not stop.is_set():
             await asyncio.sleep(0.1)
@@ -614,7 +619,7 @@ async def sample_timeline(
             backends = Counter(
                 {r["state"]: r["n"] for r in await admin.fetch(BACKENDS_SQL, stage.database)}
             )
-            now, after = time.perf_counter(), {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+            now, after = time.perf_counter(), process_cpu(srv, stage)
             cores = {k: (after[k] - before[k]) / (now - then) for k in after}
             result.timeline.append(Moment(now - started, waiting, outbox, backends, cores))
             before, then = after, now
@@ -663,7 +668,7 @@ async def drain(
                 break
             await asyncio.sleep(0.005)
         started = time.perf_counter()
-        before = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+        before = process_cpu(srv, stage)
         _, stolen_before = machine_seconds()
         queued_before = stage.worker_run_delay()
         result = Result(mode, len(events))
@@ -686,7 +691,7 @@ async def drain(
             if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM outbox)"):
                 continue
             elapsed = time.perf_counter() - started
-            after = {"worker": stage.worker_cpu_seconds(), **srv.cpu()}
+            after = process_cpu(srv, stage)
             _, stolen_after = machine_seconds()
             queued_after = stage.worker_run_delay()
             applied = await conn.fetchval(

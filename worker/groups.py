@@ -29,11 +29,12 @@ else, a statement waiting out a lock) is cancelled and split the same way, so
 that a lane waiting on a lock holds up its group mates for no longer than that.
 A group holds at most `most` messages. A batch that is full by itself (a
 drain; every batch with HUB_BATCH_MAX=1) goes alone and at once: a turn is
-for a batch to grow while it waits, and a full one cannot. The others go in groups one group at a time (`one_group`, a turn of its own,
-as bounded as the rest): while a group commits, the next one forms, so at a
-steady rate a message waits for at most the transaction before its own,
-while full batches overlap with each other and with the groups, which is
-what keeps a drain's cores busy (docs/performance.md).
+for a batch to grow while it waits, and a full one cannot. The others go in
+groups one group at a time (`one_group`, a turn of its own, as bounded as the
+rest): while a group commits, the next one forms, so at a steady rate a
+message waits for at most the transaction before its own, while full batches
+overlap with each other and with the groups, which is what keeps a drain's
+cores busy (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from tests.support import Hub, Outbound, wait_until
-from tests.support.workload import Expected, Published, differences, events_of, expect, generate
+from tests.support.workload import (
+    Expected,
+    Published,
+    differences,
+    differing_keys,
+    events_of,
+    expect,
+    generate,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -69,9 +77,7 @@ def assert_same(
         return
     report = f"{what} differ from the model: {differences(actual, expected)}"
     if stream is not None:
-        keys = list(actual.keys() ^ expected.keys()) + [
-            k for k in actual.keys() & expected.keys() if actual[k] != expected[k]
-        ]
+        keys = [k for kind in differing_keys(actual, expected) for k in kind]
         sessions = {k if isinstance(k, str) else k[0] for k in keys}
         report += "\nthe events of the first of their sessions:\n" + events_of(
             stream, set(sorted(sessions)[:5])

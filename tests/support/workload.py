@@ -37,19 +37,16 @@ class Expected:
     detections: dict[tuple[str, str], tuple[int, str, bool]] = field(default_factory=dict)
 
 
-def generate(
-    sessions: int, seed: int = 7, spokes: int = 5, start: datetime | None = None
-) -> list[Published]:
+def generate(sessions: int, seed: int = 7, spokes: int = 5) -> list[Published]:
     """Per session: spawned, started, signals and heartbeats, an end, often an archive,
     sometimes a signal after the archive; sessions interleaved, each in its own order.
 
-    Each session's events are a second apart from `start`, by default a minute
-    before now: the stall sweep takes a session silent for HUB_STALL_AFTER_SECONDS
+    Each session's events are a second apart from a minute before now: the stall sweep takes a session silent for HUB_STALL_AFTER_SECONDS
     (600 in the tests) for stalled, and a worker sweeps once as it starts. With
     events from a fixed date in the past, that first sweep opened a stall for every
     session still active when it ran, if it ran after the first publishes."""
     rng = random.Random(seed)
-    base = start or datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
     queues: list[list[Published]] = []
     for n in range(sessions):
         spoke, session = f"spoke-{n % spokes}", f"sess-{n}"
@@ -94,16 +91,25 @@ def generate(
     return stream
 
 
-def differences(actual: Mapping[Any, Any], expected: Mapping[Any, Any], most: int = 20) -> str:
-    """What differs between two mappings, key by key, sorted and at most `most` of each kind.
-
-    For CI's log, whose tail is all one gets: pytest's full diff of two large dicts
-    in different orders is thousands of lines of reordering."""
+def differing_keys(
+    actual: Mapping[Any, Any], expected: Mapping[Any, Any]
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """The keys only `expected` has, those only `actual` has, and those whose values
+    differ; each sorted."""
     missing = sorted(expected.keys() - actual.keys(), key=repr)
     extra = sorted(actual.keys() - expected.keys(), key=repr)
     changed = sorted(
         (k for k in actual.keys() & expected.keys() if actual[k] != expected[k]), key=repr
     )
+    return missing, extra, changed
+
+
+def differences(actual: Mapping[Any, Any], expected: Mapping[Any, Any], most: int = 20) -> str:
+    """What differs between two mappings, key by key, sorted and at most `most` of each kind.
+
+    For CI's log, whose tail is all one gets: pytest's full diff of two large dicts
+    in different orders is thousands of lines of reordering."""
+    missing, extra, changed = differing_keys(actual, expected)
     lines = [
         f"{len(actual)} actual against {len(expected)} expected: {len(missing)} missing, "
         f"{len(extra)} unexpected, {len(changed)} different"
