@@ -59,6 +59,7 @@ from bench.throughput import (  # noqa: E402
     top_statements,
     wait_for_streams,
 )
+from worker.config import DEFAULT_BATCH_MAX  # noqa: E402
 
 
 @dataclass
@@ -271,7 +272,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=int, action="append", help="events/s (repeatable)")
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--runs", type=int, default=1, help="runs per rate")
-    parser.add_argument("--batch-max", type=int, default=200)
+    parser.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not counted")
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for the worker (repeatable)"

@@ -67,6 +67,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from worker.config import DEFAULT_BATCH_MAX  # noqa: E402
 from worker.db import Query  # noqa: E402
 from worker.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from worker.ids import uuid7  # noqa: E402
@@ -927,7 +928,7 @@ async def main() -> None:
     parser.add_argument(
         "--baseline-events", type=int, default=20_000, help="events for the per-message drain run"
     )
-    parser.add_argument("--batch-max", type=int, default=200)
+    parser.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX)
     parser.add_argument(
         "--rate", type=int, default=0, help="also measure latency at this offered rate, events/s"
     )

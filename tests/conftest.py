@@ -22,7 +22,7 @@ import pytest
 
 from tests.support import Hub, open_hub, with_database
 from worker import db, schema
-from worker.config import Settings
+from worker.config import DEFAULT_BATCH_MAX, Settings
 from worker.embedded import EmbeddedNats, EmbeddedPostgres
 
 # Durability is not under test here; speed is welcome.
@@ -108,7 +108,7 @@ def settings() -> Settings:
         stall_after_seconds=600,
         sweep_interval_seconds=30,
         # HUB_TEST_BATCH_MAX=1 runs the suite in the per-message mode.
-        batch_max=int(os.environ.get("HUB_TEST_BATCH_MAX", "200")),
+        batch_max=int(os.environ.get("HUB_TEST_BATCH_MAX", str(DEFAULT_BATCH_MAX))),
     )
 
 

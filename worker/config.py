@@ -16,6 +16,15 @@ import nkeys  # type: ignore[import-untyped]
 from worker.constants import MAX_ACK_PENDING
 from worker.subjects import events_stream, out_stream, stream_token
 
+# HUB_BATCH_MAX's default. A transaction has a fixed cost in PostgreSQL (its
+# statements' set-up, the commit) besides its cost per event: in a drain on the
+# development machine, 500 events a transaction cost PostgreSQL 0.025 ms per
+# event against 0.033 with 200, and the worker 0.055 against 0.060
+# (docs/performance.md, "Five hundred a transaction"). It is half the consumers'
+# max_ack_pending, so a lane's standing pull (2 x HUB_BATCH_MAX) still fits in it;
+# a trickle's batches are small whatever the cap.
+DEFAULT_BATCH_MAX = 500
+
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _HOST_PORT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
 
@@ -80,7 +89,7 @@ class Settings:
     shutdown_grace_seconds: int = 20
     # Most inbound messages applied in one transaction; 1 is the per-message
     # mode (one event, one transaction, one ack at a time).
-    batch_max: int = 200
+    batch_max: int = DEFAULT_BATCH_MAX
     # Most batch transactions of one worker's lanes at once; 0: no limit.
     lane_turns: int = 2
 
@@ -228,7 +237,7 @@ class Settings:
             partitions=positive_int("HUB_PARTITIONS", 8, maximum=64),
             stream_replicas=positive_int("HUB_STREAM_REPLICAS", 1, maximum=5),
             shutdown_grace_seconds=positive_int("HUB_SHUTDOWN_GRACE_SECONDS", 20),
-            batch_max=positive_int("HUB_BATCH_MAX", 200, maximum=MAX_ACK_PENDING),
+            batch_max=positive_int("HUB_BATCH_MAX", DEFAULT_BATCH_MAX, maximum=MAX_ACK_PENDING),
             lane_turns=positive_int("HUB_LANE_TURNS", 2, maximum=64, minimum=0),
         )
 

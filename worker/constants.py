@@ -38,7 +38,7 @@ FETCH_WAIT_SECONDS = 1.0
 # A lane keeps pull requests open for the next 2 x HUB_BATCH_MAX messages, and
 # at least this many (worker.bus.StandingPull): the next batch is in the client
 # when a transaction ends, and a trickle waits for no request. What is buffered
-# counts against the ack wait; a drain takes 2 x 200 messages in tens of ms.
+# counts against the ack wait; a drain takes 2 x 500 messages in tens of ms.
 PULL_AHEAD_MIN = 32
 # Each pull request expires on the server after this long, seconds, and is
 # renewed: a request lost without a word (a server restart the client did not

@@ -31,6 +31,7 @@ def test_defaults_follow_the_contract() -> None:
     assert settings.data_dir == Path(".hub")
     assert settings.subject_prefix == "hub"
     assert settings.stall_after_seconds == 600
+    assert settings.batch_max == 500
     assert settings.sweep_interval_seconds == 30
     assert settings.stream_max_age_seconds == 604_800
     assert settings.http_addr == "127.0.0.1:9464"

