@@ -217,18 +217,36 @@ async def test_a_stopped_replicas_lanes_move_to_the_live_one_and_nothing_is_appl
     assert lost
     assert survivor.terminate() == 0
     assert victim.terminate() == 0
-    # Once only: each event recorded by exactly one worker, once.
+    # Once only: no event recorded twice, by one worker or by both.
     recorded = Counter(
         str(e["eventId"])
         for process in (victim, survivor)
         for e in log_events(process, "event")
         if e.get("outcome") in _RECORDED
     )
-    assert recorded == Counter(str(e.body["eventId"]) for e in stream)
+    assert {event_id for event_id, n in recorded.items() if n > 1} == set()
+    # And every event was recorded by one of them, except those whose COMMIT the victim
+    # sent just before it was stopped: the server committed them, the reply sat unread,
+    # and on resume the victim gave up on it (a group past its 1 s, a connection ended)
+    # without knowing the outcome, so it logged them `requeued`; the survivor found them
+    # in the ledger (`duplicate`). The count of ledger rows above says none was lost.
+    published = {str(e.body["eventId"]) for e in stream}
+    assert recorded.keys() <= published
+    in_doubt = published - recorded.keys()
+    requeued_on_resume = {
+        str(e["eventId"])
+        for e in log_events(victim, "event", after_line=resumed_at_line)
+        if e.get("outcome") == "requeued"
+    }
+    found_applied = {
+        str(e["eventId"]) for e in log_events(survivor, "event") if e.get("outcome") == "duplicate"
+    }
+    assert in_doubt <= requeued_on_resume & found_applied
     summary(
         f"liveness: SIGSTOP of a worker owning {len(victims_lanes)} of {len(all_lanes(hub))}"
         f" lanes; its backlog applied by the live worker {took_over_in:.1f}s later; resumed,"
-        f" it lost {len(lost)} of them, released all and rejoined; {len(stream)} events recorded once each"
+        f" it lost {len(lost)} of them, released all and rejoined; {len(stream)} events applied"
+        f" once each ({len(in_doubt)} committed as it was stopped, found in the ledger)"
     )
 
 
